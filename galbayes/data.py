@@ -24,8 +24,10 @@ def load_fits(path, *, hdu=None, galaxy=None, what="image") -> np.ndarray:
     """
     from astropy.io import fits
 
+    if path is None or str(path) in ("", "."):
+        raise InputError("no file given", galaxy=galaxy, what=what)
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise InputError(f"file not found: {path}", galaxy=galaxy, what=what)
     try:
         with fits.open(path, memmap=False) as hdul:

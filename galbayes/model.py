@@ -24,6 +24,7 @@ import numpyro.distributions as dist
 from .data import Observation
 from .errors import InputError, ModelError
 from .geometry import Grid, pixel_grid, render_oversampled
+from .initial import SIZE_FROM_RHALF, moment_guess
 from .likelihood import check_likelihood, chi2, chi2_distribution_loglike, gaussian_loglike
 from .params import IMAGE_LEVEL, IMAGE_X, IMAGE_Y, Param, ParamSpec, as_param
 from .profiles import Profile, get_profile
@@ -201,8 +202,15 @@ class Model:
                              galaxy=obs.id, what="pixel_scale")
         return float(obs.pixel_scale)
 
-    def _default_init(self, obs: Observation, spec: ParamSpec, comp_count: int) -> float:
+    def _default_init(self, obs: Observation, spec: ParamSpec, comp_count: int, guess: dict | None) -> float:
         ny, nx = obs.shape
+        if guess is not None:
+            if spec.name in ("xc", "yc", "pa", "q"):
+                return float(guess[spec.name])
+            if spec.name == "mag":
+                return float(guess["mag"] + 2.5 * math.log10(max(comp_count, 1)))
+            if spec.name in SIZE_FROM_RHALF:
+                return float(guess["rhalf"] * SIZE_FROM_RHALF[spec.name])
         if spec.default is not None:
             return float(spec.default)
         if spec.bounds == IMAGE_X or spec.name == "xc":
@@ -230,12 +238,14 @@ class Model:
             return -level, level
         return tuple(float(b) for b in spec.bounds)
 
-    def initial_values(self, obs: Observation, init: dict | None = None):
+    def initial_values(self, obs: Observation, init: dict | None = None, *, guess: bool = True):
         """Initial values of every entry and bounds of the free ones, in user units.
 
-        ``init`` maps ``<component>_<param>`` to per-galaxy initial values (catalog columns),
-        which override the model's.
+        Precedence: ``init`` (per-galaxy values keyed ``<component>_<param>``, e.g. catalog
+        columns) > the model's ``Param.init`` > image moments (:func:`~galbayes.initial.moment_guess`,
+        for centre, pa, q, sizes and mag; ``guess=False`` skips it) > the profile's default.
         """
+        moments = moment_guess(obs) if guess else None
         init = dict(init or {})
         unknown = set(init) - set(self.keys)
         if unknown:
@@ -247,7 +257,7 @@ class Model:
             scale = self._unit_scale(obs, e.spec)
             v = init.get(e.key, e.param.init)
             if v is None or (isinstance(v, float) and math.isnan(v)):
-                v = self._default_init(obs, e.spec, n_light) * (scale if e.spec.is_size else 1.0)
+                v = self._default_init(obs, e.spec, n_light, moments) * (scale if e.spec.is_size else 1.0)
             v = float(v)
             if e.static_zero and v != 0.0:
                 raise ModelError(f"{e.key} is fixed at 0 in the model; make it free or fixed in the "
@@ -272,9 +282,9 @@ class Model:
             hi.append(b[1])
         return np.asarray(values, np.float32), np.asarray(lo, np.float32), np.asarray(hi, np.float32)
 
-    def pack(self, obs: Observation, init: dict | None = None) -> GalaxyArrays:
+    def pack(self, obs: Observation, init: dict | None = None, *, guess: bool = True) -> GalaxyArrays:
         """One galaxy's :class:`GalaxyArrays` (numpy leaves; stack for a batch)."""
-        values0, lo, hi = self.initial_values(obs, init)
+        values0, lo, hi = self.initial_values(obs, init, guess=guess)
         scale = 1.0
         if self.size_unit == "arcsec":
             scale = self._unit_scale(obs, ParamSpec("s", "pix"))
@@ -445,6 +455,6 @@ class Model:
 
 def render_model(model: Model, obs: Observation, values: dict | None = None):
     """Convenience: the model image of ``obs``'s grid at ``values`` (defaults: initial values)."""
-    gal = model.pack(obs, values)
+    gal = model.pack(obs, values, guess=False)
     gal = jax.tree_util.tree_map(jnp.asarray, gal)
     return np.asarray(model.render(gal.values0, gal))

@@ -1,0 +1,139 @@
+"""Command line: ``galbayes fit``, ``galbayes demo``, ``galbayes recipes``.
+
+Argument parsing only; the work is done by :mod:`galbayes.pipeline` and friends.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .catalog import CatalogError
+from .errors import InputError, ModelError
+
+__all__ = ["main"]
+
+
+def _map_args(p):
+    from .inference.map import OPTIMIZERS
+
+    p.add_argument("--batch-size", type=int, default=64, help="galaxies per jitted batch (default 64)")
+    p.add_argument("--max-iter", type=int, default=None, help="cap on SVI steps per galaxy (default 50)")
+    p.add_argument("--lm-iter", type=int, default=None, help="cap on Levenberg-Marquardt polish steps (default 50)")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="optax optimizer for SVI (default adam)")
+    p.add_argument("--learning-rate", type=float, default=None, help="SVI step size (default 0.02)")
+    p.add_argument("--polish", choices=["lm", "none"], default=None, help="second-order polish after SVI (default lm)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _options(args):
+    from .inference.map import MapOptions
+
+    kw = {k: v for k, v in dict(max_iter=args.max_iter, lm_iter=args.lm_iter, optimizer=args.optimizer,
+                                  learning_rate=args.learning_rate, polish=args.polish, seed=args.seed).items()
+          if v is not None}
+    return MapOptions(**kw)
+
+
+def _print_table(table, keys):
+    cols = ["id"] + keys + ["chi2_red", "n_iter", "converged", "status"]
+    widths = [max(len(c), 10) for c in cols]
+    widths[0] = max(len(str(v)) for v in list(table["id"]) + ["id"])
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for row in table:
+        cells = []
+        for c, w in zip(cols, widths):
+            v = row[c]
+            if isinstance(v, float) or hasattr(v, "dtype") and getattr(v.dtype, "kind", "") == "f":
+                cells.append(f"{float(v):.4g}".ljust(w))
+            else:
+                cells.append(str(v).ljust(w))
+        print("  ".join(cells))
+
+
+def cmd_fit(args):
+    from .pipeline import fit_catalog
+    from .recipe import load_recipe
+
+    model = load_recipe(args.model, likelihood=args.likelihood)
+    table = fit_catalog(args.catalog, model, args.out, options=_options(args), batch_size=args.batch_size,
+                        blocks=not args.no_blocks, progress=not args.quiet)
+    n_ok = int(sum(1 for s in table["status"] if s == "ok"))
+    print(f"fitted {n_ok}/{len(table)} galaxies; results in {Path(args.out) / 'results.fits'}")
+    if not args.quiet:
+        _print_table(table, [k for k in model.free_keys if k in model.keys])
+    return 0
+
+
+def cmd_demo(args):
+    from .datasets import EXAMPLES, PIXEL_SCALE, write_demo_catalog
+    from .pipeline import fit_catalog
+    from .recipe import load_recipe
+
+    out = Path(args.out)
+    by_recipe: dict = {}
+    for name, (recipe, _, _) in EXAMPLES.items():
+        by_recipe.setdefault(recipe, []).append(name)
+    opts = _options(args)
+    for recipe, names in by_recipe.items():
+        model = load_recipe(recipe)
+        cat = write_demo_catalog(out / recipe / "catalog.csv", names)
+        table = fit_catalog(cat, model, out / recipe, options=opts, batch_size=args.batch_size,
+                            progress=False)
+        print(f"\n== recipe {recipe!r}: {', '.join(names)}  (sizes in pixels; 1 px = {PIXEL_SCALE}\")")
+        _print_table(table, model.free_keys)
+        if not args.no_plots:
+            try:
+                from .plot import save_fit_figures
+            except ImportError:  # plotting lands with the notebooks issue
+                continue
+            save_fit_figures(model, out / recipe)
+    print(f"\nresults and image blocks under {out}/")
+    return 0
+
+
+def cmd_recipes(args):
+    from .recipe import builtin_recipes, load_recipe
+
+    for name in builtin_recipes():
+        m = load_recipe(name)
+        print(f"{name}: {', '.join(m.free_keys)}")
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="galbayes", description="Batched Bayesian galaxy profile fitting.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="MAP-fit every galaxy of a catalog")
+    p.add_argument("catalog", help="CSV/ECSV/FITS table: id, image, sigma, psf[, mask, mask_keep, zp, pixel_scale, hdu]")
+    p.add_argument("--model", required=True, help="recipe TOML file or shipped recipe name (see 'galbayes recipes')")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--likelihood", choices=["chi2", "gaussian"], default=None)
+    p.add_argument("--no-blocks", action="store_true", help="do not write blocks/<id>.fits")
+    p.add_argument("--quiet", action="store_true")
+    _map_args(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("demo", help="fit the three bundled SDSS galaxies and print their parameters")
+    p.add_argument("--out", default="galbayes-demo", help="output folder (default ./galbayes-demo)")
+    p.add_argument("--no-plots", action="store_true")
+    _map_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("recipes", help="list the shipped model recipes")
+    p.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CatalogError, ModelError, InputError) as exc:
+        print(f"galbayes: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

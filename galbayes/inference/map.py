@@ -1,0 +1,267 @@
+"""Batched MAP: numpyro SVI (point-mass guide, optax optimizer), then a Levenberg–Marquardt polish.
+
+Everything here is written for ONE galaxy and batched with ``jax.vmap`` inside one jitted
+program; a batch runs without host round-trips per iteration. Per-galaxy early stopping
+comes for free: under ``vmap`` a ``lax.while_loop`` keeps iterating only the galaxies whose
+condition is still true, so a converged galaxy's state no longer changes and its
+iteration count is its own.
+
+Which point is the MAP
+----------------------
+Both likelihoods depend on the parameters only through χ². The Gaussian one is maximised
+at the χ² minimum. The χ²-distribution one (eq. 17) is maximised wherever χ² = k − 2; when
+the best fit has χ²_min < k − 2 (about half of well-modelled galaxies with correct σ) those
+maxima are a whole shell around the χ² minimum, and even when χ²_min > k − 2 its gradient is
+the χ² gradient scaled by (1 − (k−2)/χ²), nearly zero near a good fit, which stalls
+gradient descent (the paper's early-stopping bias). galbayes therefore defines the MAP point
+of either likelihood as the χ² minimum (with the priors): both stages optimise the
+Gaussian-likelihood posterior, which with the default flat priors is exactly
+``argmin χ²`` within the bounds, and the chosen likelihood is only *reported* there.
+
+Stages
+------
+1. SVI: ``numpyro.infer.SVI`` with ``AutoDelta`` (MAP semantics: density in the sampled
+   coordinates, no Jacobian) and an optax optimizer (Adam by default), stopping a galaxy
+   when its loss has not improved by ``ftol`` for ``patience`` steps.
+2. Polish (default ``"lm"``): Levenberg–Marquardt on the whitened residuals in the
+   guide's unconstrained coordinates, with the Jacobian from ``jax.jacfwd`` (one forward
+   pass per free parameter); stops when an accepted step gains less than ``lm_ftol`` in
+   χ²/2. From the SVI start it typically needs 5–20 steps and lands on the χ² minimum.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import optax
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoDelta
+from numpyro.infer.initialization import init_to_value
+from numpyro.infer.util import constrain_fn, log_density, unconstrain_fn
+
+from ..model import GalaxyArrays, Model
+
+__all__ = ["MapOptions", "MapResult", "fit_map", "OPTIMIZERS"]
+
+OPTIMIZERS = {
+    "adam": optax.adam,
+    "adamw": optax.adamw,
+    "adabelief": optax.adabelief,
+    "nadam": optax.nadam,
+    "sgd": lambda lr: optax.sgd(lr, momentum=0.9),
+}
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """Settings of :func:`fit_map` (all keyword-only, hashable).
+
+    Parameters
+    ----------
+    optimizer : str
+        optax optimizer for the SVI stage: one of :data:`OPTIMIZERS`.
+    learning_rate : float
+        Its step size in the unconstrained coordinates.
+    max_iter : int
+        Cap on SVI steps per galaxy (0 skips SVI).
+    patience, ftol : int, float
+        SVI stops a galaxy after ``patience`` steps without a loss gain > ``ftol``.
+    polish : {"lm", "none"}
+        Second-order polish after SVI.
+    lm_iter : int
+        Cap on Levenberg–Marquardt steps.
+    lm_ftol : float
+        LM stops when an accepted step gains less than this in χ²/2.
+    seed : int
+        Random seed (SVI's key; the point-mass guide uses no randomness).
+    """
+
+    optimizer: str = "adam"
+    learning_rate: float = 0.02
+    max_iter: int = 50
+    patience: int = 10
+    ftol: float = 0.05
+    polish: str = "lm"
+    lm_iter: int = 50
+    lm_ftol: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+        if self.polish not in ("lm", "none"):
+            raise ValueError(f"polish must be 'lm' or 'none', got {self.polish!r}")
+        if self.max_iter < 0 or self.lm_iter < 0:
+            raise ValueError("iteration caps must be >= 0")
+        if self.max_iter == 0 and self.polish == "none":
+            raise ValueError("max_iter=0 with polish='none' would not fit anything")
+
+
+class MapResult(NamedTuple):
+    """Per-galaxy MAP results (leading axis = galaxy)."""
+
+    values: np.ndarray     # (B, E) every entry in user units (angles wrapped)
+    chi2: np.ndarray       # (B,)
+    loglike: np.ndarray    # (B,) of the model's likelihood at the MAP
+    n_iter: np.ndarray     # (B,) SVI steps + LM steps
+    converged: np.ndarray  # (B,) bool
+    n_svi: np.ndarray      # (B,)
+    n_lm: np.ndarray       # (B,)
+
+
+# --------------------------------------------------------------------------- one galaxy
+def _svi_stage(model: Model, gal: GalaxyArrays, key, opts: MapOptions):
+    """SVI with a point-mass guide from ``gal.values0``; returns (unconstrained z, steps)."""
+    init_sites = model.site_values(gal.values0, gal)
+    guide = AutoDelta(model.numpyro_model, init_loc_fn=init_to_value(values=init_sites))
+    optim = numpyro.optim.optax_to_numpyro(OPTIMIZERS[opts.optimizer](opts.learning_rate))
+    svi = SVI(model.numpyro_model, guide, optim, Trace_ELBO())
+    state = svi.init(key, gal, likelihood="gaussian")
+    loss0 = svi.evaluate(state, gal, likelihood="gaussian")
+
+    def cond(c):
+        _, it, _, since = c
+        return (it < opts.max_iter) & (since < opts.patience)
+
+    def body(c):
+        state, it, best, since = c
+        state, loss = svi.update(state, gal, likelihood="gaussian")
+        improved = loss < best - opts.ftol
+        return state, it + 1, jnp.minimum(best, loss), jnp.where(improved, 0, since + 1)
+
+    state, it, _, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0), loss0, jnp.int32(0)))
+    params = svi.get_params(state)
+    sites = {k[: -len("_auto_loc")]: v for k, v in params.items()}
+    z = unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, sites)
+    return z, it
+
+
+def _objective_parts(model: Model, gal: GalaxyArrays):
+    """Residual function r(z) and negative log prior p(z) of unconstrained sites z."""
+
+    def constrained(z):
+        return constrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, z)
+
+    def residuals(z):
+        return model.residuals(model.values_from_sites(constrained(z), gal), gal)
+
+    def neg_log_prior(z):
+        lp, _ = log_density(model.numpyro_model, (gal,), {"likelihood": "none"}, constrained(z))
+        return -lp
+
+    return constrained, residuals, neg_log_prior
+
+
+def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
+    """Levenberg–Marquardt on ½‖r(z)‖² + (−log prior) in unconstrained coordinates."""
+    constrained, residuals, neg_log_prior = _objective_parts(model, gal)
+    flat0, unravel = jax.flatten_util.ravel_pytree(z0)
+
+    def res(x):
+        return residuals(unravel(x))
+
+    def prior(x):
+        return neg_log_prior(unravel(x))
+
+    def objective(x):
+        r = res(x)
+        return 0.5 * jnp.sum(r * r) + prior(x)
+
+    f0 = objective(flat0)
+    n = flat0.shape[0]
+
+    def cond(c):
+        _, _, _, it, done = c
+        return (it < opts.lm_iter) & ~done
+
+    def body(c):
+        x, f, lam, it, _ = c
+        r = res(x)
+        jac = jax.jacfwd(res)(x)
+        grad = jac.T @ r + jax.grad(prior)(x)
+        hess = jac.T @ jac + jax.hessian(prior)(x)
+        diag = jnp.maximum(jnp.diag(hess), 1e-12)
+        step = jnp.linalg.solve(hess + lam * jnp.diag(diag) + 1e-12 * jnp.eye(n), -grad)
+        step = jnp.where(jnp.all(jnp.isfinite(step)), step, jnp.zeros_like(step))
+        x_new = x + step
+        f_new = objective(x_new)
+        accept = jnp.isfinite(f_new) & (f_new < f)
+        gain = f - f_new
+        x = jnp.where(accept, x_new, x)
+        f_out = jnp.where(accept, f_new, f)
+        lam = jnp.clip(jnp.where(accept, lam / 3.0, lam * 4.0), 1e-9, 1e12)
+        small_step = jnp.max(jnp.abs(step)) < 1e-6
+        done = (accept & (gain < opts.lm_ftol)) | (~accept & (lam >= 1e12)) | small_step
+        return x, f_out, lam, it + 1, done
+
+    x, f, lam, it, done = jax.lax.while_loop(
+        cond, body, (flat0, f0, jnp.float32(1e-3), jnp.int32(0), jnp.bool_(False)))
+    return unravel(x), it, done
+
+
+def _fit_one(model: Model, opts: MapOptions, gal: GalaxyArrays, key):
+    if opts.max_iter > 0:
+        z, n_svi = _svi_stage(model, gal, key, opts)
+    else:
+        z = unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"},
+                           model.site_values(gal.values0, gal))
+        n_svi = jnp.int32(0)
+    if opts.polish == "lm":
+        z, n_lm, done = _lm_stage(model, gal, z, opts)
+    else:
+        n_lm, done = jnp.int32(0), n_svi < opts.max_iter
+    sites = constrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, z)
+    values = model.values_from_sites(sites, gal)
+    c2 = model.chi2(values, gal)
+    return values, c2, model.loglike_from_chi2(c2, gal), n_svi, n_lm, done
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(model: Model, opts: MapOptions):
+    key = (id(model), opts)
+    if key not in _COMPILED:
+        _COMPILED[key] = (model, jax.jit(jax.vmap(lambda g, k: _fit_one(model, opts, g, k))))
+    return _COMPILED[key][1]
+
+
+def fit_map(model: Model, batch: GalaxyArrays, *, options: MapOptions | None = None, **kwargs) -> MapResult:
+    """Fit a batch of galaxies: SVI + optax, then LM polish, in one jitted program.
+
+    Parameters
+    ----------
+    model : Model
+        The model.
+    batch : GalaxyArrays
+        Stacked galaxies (:meth:`Model.stack` of :meth:`Model.pack` outputs).
+    options : MapOptions, optional
+        Settings; keyword arguments override its fields.
+
+    Returns
+    -------
+    MapResult
+    """
+    opts = options or MapOptions()
+    if kwargs:
+        opts = MapOptions(**{**opts.__dict__, **kwargs})
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    n = batch.image.shape[0]
+    keys = jax.random.split(jax.random.PRNGKey(opts.seed), n)
+    values, c2, ll, n_svi, n_lm, done = _compiled(model, opts)(batch, keys)
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.all(np.isfinite(values), axis=1) & np.isfinite(np.asarray(c2))
+    return MapResult(
+        values=model.wrap_angles(values),
+        chi2=np.asarray(c2, dtype=np.float64),
+        loglike=np.asarray(ll, dtype=np.float64),
+        n_iter=np.asarray(n_svi + n_lm),
+        converged=np.asarray(done) & finite,
+        n_svi=np.asarray(n_svi),
+        n_lm=np.asarray(n_lm),
+    )

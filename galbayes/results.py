@@ -1,0 +1,99 @@
+"""Results: the per-galaxy table (FITS + CSV) and the FITS image block of each galaxy."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["results_columns", "make_table", "write_table", "write_block", "safe_name"]
+
+
+def safe_name(galaxy_id: str) -> str:
+    """A file-name-safe version of a galaxy id (``/`` and spaces replaced)."""
+    return re.sub(r"[^A-Za-z0-9._+\-]", "_", str(galaxy_id))
+
+
+def results_columns(model, *, errors: bool = False) -> list:
+    cols = ["id"] + list(model.keys)
+    if errors:
+        cols += [k + "_err" for k in model.keys]
+    return cols + ["chi2", "chi2_red", "loglike", "n_iter", "converged", "status"]
+
+
+def make_table(model, rows: list, *, errors: bool = False):
+    """An astropy Table from per-galaxy dicts (missing values → NaN), in the given order."""
+    from astropy.table import Table
+
+    cols = results_columns(model, errors=errors)
+    data = {}
+    for c in cols:
+        vals = [r.get(c) for r in rows]
+        if c in ("id", "status"):
+            data[c] = np.array([str(v if v is not None else "") for v in vals])
+        elif c == "converged":
+            data[c] = np.array([bool(v) if v is not None else False for v in vals])
+        elif c == "n_iter":
+            data[c] = np.array([int(v) if v is not None else -1 for v in vals], dtype=np.int64)
+        else:
+            data[c] = np.array([float(v) if v is not None else np.nan for v in vals], dtype=np.float64)
+    table = Table(data, names=cols)
+    for k in model.keys:
+        e = model.entries[model.keys.index(k)]
+        unit = {"pix": model.size_unit, "deg": "deg", "mag": "mag"}.get(e.spec.unit)
+        if unit:
+            table[k].unit = "arcsec" if unit == "arcsec" else ("pix" if unit == "pix" else unit)
+    return table
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_table(table, out_dir) -> None:
+    """Write ``results.fits`` and ``results.csv`` into ``out_dir`` (atomically)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "results.fits", lambda p: table.write(p, format="fits", overwrite=True))
+    _atomic_write(out_dir / "results.csv", lambda p: table.write(p, format="ascii.csv", overwrite=True))
+
+
+def write_block(path, *, data, model_image, sigma, weight, components: dict, header_values: dict) -> None:
+    """One galaxy's image block: DATA, MODEL, RESIDUAL, MASK, SIGMA and one HDU per component."""
+    from astropy.io import fits
+
+    hdr = fits.Header()
+    for k, v in header_values.items():
+        if v is None:
+            continue
+        key = k.upper()
+        if isinstance(v, (bool, np.bool_)):
+            v = bool(v)
+        elif isinstance(v, (int, np.integer)):
+            v = int(v)
+        elif isinstance(v, (float, np.floating)):
+            v = float(v) if np.isfinite(v) else "nan"
+        else:
+            v = str(v)[:68]
+        if len(key) > 8:
+            hdr[f"HIERARCH {key}"] = v
+        else:
+            hdr[key] = v
+    hdus = [fits.PrimaryHDU(header=hdr)]
+    def add(name, arr):
+        hdus.append(fits.ImageHDU(np.asarray(arr, np.float32), header=hdr.copy(), name=name))
+    add("DATA", data)
+    add("MODEL", model_image)
+    add("RESIDUAL", np.asarray(data) - np.asarray(model_image))
+    hdus.append(fits.ImageHDU((np.asarray(weight) == 0).astype(np.uint8), name="MASK"))
+    add("SIGMA", sigma)
+    for name, img in components.items():
+        add(name.upper(), img)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda p: fits.HDUList(hdus).writeto(p, overwrite=True))
