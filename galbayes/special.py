@@ -56,7 +56,8 @@ def sersic_nu(n):
     """
     n = jnp.asarray(n)
     inside = (n >= N_MIN) & (n <= N_MAX)
-    n_in = jnp.clip(n, N_MIN, N_MAX)
+    # jnp.where, not jnp.clip: clip halves the gradient at exactly n = N_MIN or N_MAX.
+    n_in = jnp.where(inside, n, 1.0)
     t = (2.0 * jnp.log(n_in) - _LOG_LO - _LOG_HI) / (_LOG_HI - _LOG_LO)
     cheb = n_in * _clenshaw(t, COEFFS)
     n_out = jnp.where(inside, 1.0, n)  # keep the unused branch finite
