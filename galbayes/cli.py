@@ -18,7 +18,7 @@ def _map_args(p):
     from .inference.map import OPTIMIZERS
 
     p.add_argument("--batch-size", type=int, default=64, help="galaxies per jitted batch (default 64)")
-    p.add_argument("--max-iter", type=int, default=None, help="cap on SVI steps per galaxy (default 50)")
+    p.add_argument("--max-iter", type=int, default=None, help="cap on SVI steps per galaxy (default 25; 0 = LM only)")
     p.add_argument("--lm-iter", type=int, default=None, help="cap on Levenberg-Marquardt polish steps (default 50)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="optax optimizer for SVI (default adam)")
     p.add_argument("--learning-rate", type=float, default=None, help="SVI step size (default 0.02)")
@@ -57,7 +57,8 @@ def cmd_fit(args):
 
     model = load_recipe(args.model, likelihood=args.likelihood)
     table = fit_catalog(args.catalog, model, args.out, options=_options(args), batch_size=args.batch_size,
-                        blocks=not args.no_blocks, progress=not args.quiet)
+                        blocks=not args.no_blocks, progress=not args.quiet,
+                        resume=args.resume, shard_size=args.shard_size, dask=args.dask)
     n_ok = int(sum(1 for s in table["status"] if s == "ok"))
     print(f"fitted {n_ok}/{len(table)} galaxies; results in {Path(args.out) / 'results.fits'}")
     if not args.quiet:
@@ -112,6 +113,12 @@ def build_parser():
     p.add_argument("--likelihood", choices=["chi2", "gaussian"], default=None)
     p.add_argument("--no-blocks", action="store_true", help="do not write blocks/<id>.fits")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out (refused if catalog, recipe or options changed)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="catalog rows per durable shard file (default 8 x batch size)")
+    p.add_argument("--dask", default=None, metavar="ADDRESS|local:N",
+                   help="fit shards on a Dask cluster: scheduler address, or local:N worker processes")
     _map_args(p)
     p.set_defaults(func=cmd_fit)
 

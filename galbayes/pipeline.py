@@ -147,7 +147,8 @@ def _load_chunk(model, rows):
 
 def fit_catalog(catalog, model: Model, out_dir, *, options: MapOptions | None = None,
                 batch_size: int = 64, chunk_size: int | None = None, blocks: bool = True,
-                progress: bool = True, **option_kw):
+                progress: bool = True, resume: bool = False, shard_size: int | None = None,
+                dask=None, **option_kw):
     """Fit every galaxy of a catalog file and write the results into ``out_dir``.
 
     Parameters
@@ -156,14 +157,22 @@ def fit_catalog(catalog, model: Model, out_dir, *, options: MapOptions | None = 
         CSV/ECSV/FITS table (see :mod:`galbayes.catalog`).
     model : Model
     out_dir : str or Path
-        Gets ``results.fits``, ``results.csv`` and ``blocks/<id>.fits``.
+        Gets ``results.fits``, ``results.csv``, ``blocks/<id>.fits``, and the run's
+        ``manifest.json`` and ``shards/`` (see :mod:`galbayes.runner`).
     batch_size : int
         Galaxies per jitted batch.
     chunk_size : int, optional
-        Galaxies read from disk at a time (default ``4 × batch_size``); the next chunk is
-        read on a background thread while this one is fitted.
+        Old name of ``shard_size`` (used when ``shard_size`` is not given).
     blocks : bool
         Write the image blocks.
+    resume : bool
+        Continue an interrupted run in ``out_dir`` (refused if the catalog, recipe or
+        options changed).
+    shard_size : int, optional
+        Catalog rows per durable shard (default ``8 × batch_size``); the next shard's
+        images are read on a background thread while this one is fitted.
+    dask : str or distributed.Client, optional
+        Fit the shards on a Dask cluster: a scheduler address or ``"local:N"``.
 
     Returns
     -------
@@ -173,42 +182,11 @@ def fit_catalog(catalog, model: Model, out_dir, *, options: MapOptions | None = 
     opts = options or MapOptions()
     if option_kw:
         opts = MapOptions(**{**opts.__dict__, **option_kw})
-    out_dir = Path(out_dir)
-    rows = read_catalog(catalog, model=model)  # malformed catalogs stop here, before any fit
-    chunk_size = chunk_size or 4 * batch_size
-    chunks = [rows[i:i + chunk_size] for i in range(0, len(rows), chunk_size)]
-    results: dict = {}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(rows), unit="gal", desc="fitting")
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(_load_chunk, model, chunks[0]) if chunks else None
-        for ci in range(len(chunks)):
-            loaded = future.result()
-            if ci + 1 < len(chunks):
-                future = pool.submit(_load_chunk, model, chunks[ci + 1])
-            obs_by_id = {}
-            packed = []
-            for row, obs, gal, err in loaded:
-                if err is not None:
-                    results[row.index] = {"id": row.id, "status": err}
-                else:
-                    obs_by_id[row.id] = (row, obs)
-                    packed.append((row.id, gal))
-            fitted = list(_fit_packed(model, packed, opts, batch_size))
-            for gid, gal, _, j, res in fitted:
-                row, _ = obs_by_id[gid]
-                results[row.index] = _result_row(model, gid, gal, res, j)
-            if blocks and fitted:
-                _write_blocks(model, fitted, results, obs_by_id, out_dir)
-            if bar is not None:
-                bar.update(len(loaded))
-    if bar is not None:
-        bar.close()
-    table = make_table(model, [results[r.index] for r in rows])
-    write_table(table, out_dir)
-    return table
+    from .runner import run_catalog
+
+    return run_catalog(catalog, model, out_dir, options=opts, batch_size=batch_size,
+                       shard_size=shard_size or chunk_size, blocks=blocks, progress=progress,
+                       resume=resume, dask=dask)
 
 
 def _write_blocks(model, fitted, results, obs_by_id, out_dir):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.scipy.special import gammainc, gammaln
@@ -41,6 +42,28 @@ def _nu_newton(n, iterations=12):
     return lax.fori_loop(0, iterations, step, b)
 
 
+@jax.custom_jvp
+def _nu_newton_implicit(n):
+    """:func:`_nu_newton` with an implicit-function derivative, so that it is twice
+    differentiable (JAX has no derivative rule for ``igamma_grad_a``, which AD through the
+    Newton steps would need at second order; ``jax.hessian`` of any Sérsic model traced it)."""
+    return _nu_newton(n)
+
+
+@_nu_newton_implicit.defjvp
+def _nu_newton_implicit_jvp(primals, tangents):
+    (n,), (dn,) = primals, tangents
+    nu = _nu_newton_implicit(n)
+    a = 2.0 * n
+    # P(2n, ν) = 1/2  ⇒  dν/dn = −2 ∂P/∂a / ∂P/∂x. ∂P/∂a is held constant under further
+    # differentiation (second derivatives outside [N_MIN, N_MAX] omit its change).
+    a_s, nu_s = lax.stop_gradient(a), lax.stop_gradient(nu)
+    dpa = jax.jvp(lambda aa: gammainc(aa, nu_s), (a_s,), (jnp.ones_like(a_s),))[1]
+    dpx = jnp.exp((a - 1.0) * jnp.log(nu) - nu - gammaln(a))
+    return nu, -2.0 * dpa / dpx * dn
+
+
+@jax.jit  # eager callers (render_model) would otherwise recompile the Newton loop per call
 def sersic_nu(n):
     """Sérsic ν_n (b_n): the solution of P(2n, ν) = 1/2, differentiable in ``n``.
 
@@ -61,7 +84,7 @@ def sersic_nu(n):
     t = (2.0 * jnp.log(n_in) - _LOG_LO - _LOG_HI) / (_LOG_HI - _LOG_LO)
     cheb = n_in * _clenshaw(t, COEFFS)
     n_out = jnp.where(inside, 1.0, n)  # keep the unused branch finite
-    return jnp.where(inside, cheb, _nu_newton(n_out))
+    return jnp.where(inside, cheb, _nu_newton_implicit(n_out))
 
 
 def beta_fn(a, b):

@@ -44,6 +44,7 @@ from numpyro.infer.autoguide import AutoDelta
 from numpyro.infer.initialization import init_to_value
 from numpyro.infer.util import constrain_fn, log_density, unconstrain_fn
 
+from ..devices import data_parallel, place_batch
 from ..model import GalaxyArrays, Model
 
 __all__ = ["MapOptions", "MapResult", "fit_map", "OPTIMIZERS"]
@@ -83,8 +84,8 @@ class MapOptions:
 
     optimizer: str = "adam"
     learning_rate: float = 0.02
-    max_iter: int = 50
-    patience: int = 10
+    max_iter: int = 25
+    patience: int = 5
     ftol: float = 0.05
     polish: str = "lm"
     lm_iter: int = 50
@@ -250,10 +251,13 @@ def fit_map(model: Model, batch: GalaxyArrays, *, options: MapOptions | None = N
     opts = options or MapOptions()
     if kwargs:
         opts = MapOptions(**{**opts.__dict__, **kwargs})
-    batch = jax.tree_util.tree_map(jnp.asarray, batch)
-    n = batch.image.shape[0]
+    n = np.shape(batch.image)[0]
     keys = jax.random.split(jax.random.PRNGKey(opts.seed), n)
-    values, c2, ll, n_svi, n_lm, done = _compiled(model, opts)(batch, keys)
+    # Under galbayes.devices.use_devices(): padded to a multiple of the device count and
+    # split over the galaxy axis (sharded inputs are kept); else plain device arrays.
+    batch, keys, n = place_batch(batch, keys)
+    out = data_parallel(_compiled(model, opts))(batch, keys)
+    values, c2, ll, n_svi, n_lm, done = (np.asarray(a)[:n] for a in out)
     values = np.asarray(values, dtype=np.float64)
     finite = np.all(np.isfinite(values), axis=1) & np.isfinite(np.asarray(c2))
     return MapResult(

@@ -24,11 +24,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import ModelError
 from ..params import ParamSpec
 
 __all__ = ["Profile", "profile", "register", "get_profile", "available_profiles"]
 
 _REGISTRY: dict[str, "Profile"] = {}
+
+
+class UnknownProfileError(ModelError, KeyError):
+    """An unknown profile name: a :class:`~galbayes.errors.ModelError` (and, for older
+    callers, a ``KeyError``)."""
+
+    __str__ = ValueError.__str__  # KeyError would quote the message
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,7 @@ def get_profile(name) -> Profile:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown profile {name!r}; available: {sorted(_REGISTRY)}") from None
+        raise UnknownProfileError(f"unknown profile {name!r}; available: {sorted(_REGISTRY)}") from None
 
 
 def available_profiles() -> list:

@@ -1,0 +1,106 @@
+"""The command line: `galbayes demo` (reduced iteration budget), `galbayes fit` on a tiny
+catalog, and exit code 2 with a message on stderr for bad input."""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from galbayes.cli import main
+from galbayes.datasets import EXAMPLES
+from galbayes.recipe import load_recipe
+
+# The demo's budget; `fit` below uses the same one on two 128×128 galaxies with a 41×41 PSF,
+# i.e. the same compiled program as the demo's two single-Sérsic galaxies.
+BUDGET = ["--max-iter", "5", "--lm-iter", "10"]
+
+
+def _share_compiled_programs():
+    """Persistent XLA cache for this pytest process (see test_map.py)."""
+    if os.environ.get("GALBAYES_TEST_JAX_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    path = tempfile.mkdtemp(prefix="galbayes-test-xla-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
+_share_compiled_programs()
+
+
+@pytest.fixture(scope="module")
+def tiny_catalog(tmp_path_factory):
+    """A CSV catalog of two GalSim mocks (relative paths), without initial values."""
+    pytest.importorskip("galsim")
+    from galbayes.mocks import sersic_mocks
+
+    d = tmp_path_factory.mktemp("cli")
+    lines = ["id,image,sigma,psf"]
+    for i, m in enumerate(sersic_mocks(2, seed=5)):
+        names = []
+        for role, arr in (("img", m.obs.image), ("sig", m.obs.sigma), ("psf", m.obs.psf)):
+            fits.PrimaryHDU(np.asarray(arr, np.float32)).writeto(d / f"m{i}_{role}.fits")
+            names.append(f"m{i}_{role}.fits")
+        lines.append(",".join([f"m{i}"] + names))
+    (d / "catalog.csv").write_text("\n".join(lines) + "\n")
+    return d / "catalog.csv"
+
+
+def test_demo(tmp_path, capsys):
+    rc = main(["demo", "--out", str(tmp_path)] + BUDGET + ["--no-plots"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = []
+    for recipe in sorted({r for r, _, _ in EXAMPLES.values()}):
+        folder = tmp_path / recipe
+        assert (folder / "results.csv").is_file()
+        table = Table.read(folder / "results.fits")
+        free = load_recipe(recipe).free_keys
+        for row in table:
+            gid = str(row["id"])
+            rows.append(gid)
+            assert row["status"] == "ok", row["status"]
+            assert all(np.isfinite(row[k]) for k in free + ["chi2", "chi2_red", "loglike"]), gid
+            assert 0.5 < row["chi2_red"] < 5.0, (gid, row["chi2_red"])
+            assert (folder / "blocks" / f"{gid}.fits").is_file()
+    assert sorted(rows) == sorted(EXAMPLES)
+    for name in EXAMPLES:
+        assert name in out
+
+
+def test_fit_command(tiny_catalog, tmp_path, capsys):
+    out = tmp_path / "res"
+    rc = main(["fit", str(tiny_catalog), "--model", "sersic", "--out", str(out), "--quiet"] + BUDGET)
+    assert rc == 0
+    assert "fitted 2/2" in capsys.readouterr().out
+    for name in ("results.fits", "results.csv"):
+        t = Table.read(out / name, format="fits" if name.endswith("fits") else "ascii.csv")
+        assert [str(i) for i in t["id"]] == ["m0", "m1"]
+        assert all(str(s) == "ok" for s in t["status"])
+        assert np.all(np.isfinite(t["sersic_re"]))
+    assert sorted(p.name for p in (out / "blocks").iterdir()) == ["m0.fits", "m1.fits"]
+
+
+def test_unknown_recipe_exit_code_2(tiny_catalog, tmp_path, capsys):
+    rc = main(["fit", str(tiny_catalog), "--model", "no_such_recipe", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "no_such_recipe" in err and "not found" in err
+    assert not (tmp_path / "o" / "results.fits").exists()
+
+
+def test_malformed_catalog_exit_code_2(tiny_catalog, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    lines = tiny_catalog.read_text().splitlines()
+    bad.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")   # drop the psf column
+    rc = main(["fit", str(bad), "--model", "sersic", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "missing required column" in err and "psf" in err
+    assert not (tmp_path / "o" / "results.fits").exists()

@@ -1,0 +1,129 @@
+"""galbayes.psf: zero-padded FFT convolution against scipy.signal.fftconvolve, alignment of
+odd/even PSFs, no wrap-around, and PSF normalisation/validation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import signal
+
+import galbayes as gb
+from galbayes.psf import check_psf, convolve_fft, fft_shape, psf_fft
+from _helpers import render_single
+
+
+def _convolve(image, psf):
+    """galbayes' convolution of ``image`` with the unit-sum version of ``psf``."""
+    psf_n = check_psf(psf)
+    hat = psf_fft(psf_n, image.shape)
+    return np.asarray(convolve_fft(jnp.asarray(image, jnp.float32), jnp.asarray(hat), psf_n.shape), np.float64)
+
+
+def _reference(image, psf):
+    return signal.fftconvolve(np.asarray(image, np.float64), psf / psf.sum(), mode="same")
+
+
+CASES = [  # (image shape, PSF shape)
+    ((64, 64), (41, 41)),   # odd PSF
+    ((64, 64), (40, 40)),   # even PSF
+    ((50, 37), (7, 12)),    # non-square image, non-square odd × even PSF
+    ((31, 64), (14, 9)),    # even × odd
+    ((24, 24), (41, 41)),   # PSF larger than the image
+    ((24, 30), (40, 43)),
+]
+
+
+@pytest.mark.parametrize("image_shape, psf_shape", CASES)
+def test_matches_scipy_fftconvolve_same(image_shape, psf_shape):
+    rng = np.random.default_rng(hash((image_shape, psf_shape)) % 2**32)
+    image = rng.normal(size=image_shape)
+    psf = rng.random(psf_shape) + 0.05
+    out, ref = _convolve(image, psf), _reference(image, psf)
+    assert out.shape == image_shape
+    # float32 FFTs: errors ~1e-7 of the largest value
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("psf_shape", [(41, 41), (40, 40), (9, 14), (12, 7)])
+@pytest.mark.parametrize("i0, j0", [(20, 25), (0, 0), (43, 50), (3, 49)])
+def test_delta_returns_the_psf_at_its_reference_pixel(psf_shape, i0, j0):
+    """A one-pixel source at (i0, j0) gives the PSF with its pixel ((ky-1)//2, (kx-1)//2)
+    on (i0, j0), cut at the image edges, and nothing else."""
+    shape = (44, 51)
+    rng = np.random.default_rng(7)
+    psf = rng.random(psf_shape) + 0.1
+    psf_n = psf / psf.sum()
+    image = np.zeros(shape)
+    image[i0, j0] = 1.0
+    out = _convolve(image, psf)
+    expected = np.zeros(shape)
+    ky, kx = psf_shape
+    cy, cx = (ky - 1) // 2, (kx - 1) // 2
+    for a in range(ky):
+        for b in range(kx):
+            i, j = i0 + a - cy, j0 + b - cx
+            if 0 <= i < shape[0] and 0 <= j < shape[1]:
+                expected[i, j] = psf_n[a, b]
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6 * psf_n.max())
+    assert out[i0, j0] == pytest.approx(psf_n[cy, cx], rel=1e-4)
+
+
+def test_no_wrap_around():
+    """Bright sources on the left and top edges leave the opposite corner empty."""
+    shape = (48, 48)
+    y, x = np.mgrid[:41, :41]
+    psf = np.exp(-0.5 * ((x - 20) ** 2 + (y - 20) ** 2) / 6.0**2)  # wide: 41×41, σ = 6
+    image = np.zeros(shape)
+    image[24, 0] = 1e4   # left edge: lights columns 0..20
+    image[0, 30] = 1e4   # top edge: lights rows 0..20
+    out = _convolve(image, psf)
+    peak = out.max()
+    assert np.abs(out[21:, 21:]).max() <= 1e-6 * peak
+    np.testing.assert_allclose(out, _reference(image, psf), rtol=0, atol=1e-6 * peak)
+    # the check is sharp: a circular (unpadded) convolution wraps light into that corner
+    kernel = np.roll(np.pad(psf / psf.sum(), ((0, 7), (0, 7))), (-20, -20), axis=(0, 1))
+    circ = np.real(np.fft.ifft2(np.fft.fft2(image) * np.fft.fft2(kernel)))
+    assert np.abs(circ[21:, 21:]).max() > 1e-2 * peak
+
+
+def test_fft_shape_is_even_and_large_enough():
+    for image_shape, psf_shape in CASES + [((1, 1), (1, 1)), ((127, 33), (43, 5))]:
+        shp = fft_shape(image_shape, psf_shape)
+        for m, n, k in zip(shp, image_shape, psf_shape):
+            assert m >= n + k - 1 and m % 2 == 0
+
+
+def test_convolution_is_batched_over_leading_axes():
+    rng = np.random.default_rng(11)
+    images = rng.normal(size=(3, 20, 26)).astype(np.float32)
+    psf = check_psf(rng.random((9, 8)) + 0.1)
+    hat = jnp.asarray(psf_fft(psf, (20, 26)))
+    batched = np.asarray(jax.vmap(lambda im: convolve_fft(im, hat, psf.shape))(jnp.asarray(images)))
+    leading = np.asarray(convolve_fft(jnp.asarray(images), hat, psf.shape))
+    for k in range(3):
+        ref = _reference(images[k], psf)
+        np.testing.assert_allclose(batched[k], ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+        np.testing.assert_allclose(leading[k], ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def test_observation_normalises_the_psf():
+    rng = np.random.default_rng(5)
+    psf = 37.0 * rng.random((13, 10))
+    obs = gb.Observation(image=np.zeros((20, 20)), sigma=np.ones((20, 20)), psf=psf)
+    assert obs.psf.shape == (13, 10)
+    assert obs.psf.dtype == np.float32
+    assert float(obs.psf.sum(dtype=np.float64)) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(obs.psf, psf / psf.sum(), rtol=1e-6)
+
+
+def test_model_image_is_the_psf_convolved_profile():
+    """render(profile, PSF) == fftconvolve(render(profile, delta PSF), PSF/ΣPSF)."""
+    shape = (32, 36)
+    params = dict(xc=16.3, yc=15.6, pa=20.0, q=0.6, re=3.0, n=2.5, mag=18.0)
+    rng = np.random.default_rng(2)
+    psf = np.exp(-0.5 * ((np.arange(12)[None, :] - 5.5) ** 2 + (np.arange(11)[:, None] - 5) ** 2) / 2.0**2)
+    psf *= 1.0 + 0.2 * rng.random(psf.shape)
+    raw = render_single("sersic", params, shape)
+    conv = render_single("sersic", params, shape, psf=psf)
+    ref = _reference(raw, psf)
+    np.testing.assert_allclose(conv, ref, rtol=0, atol=2e-6 * ref.max())
+    assert conv.sum() == pytest.approx(ref.sum(), rel=1e-5)
