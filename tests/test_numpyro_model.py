@@ -204,9 +204,9 @@ def test_shared_centre_by_reference():
     assert model.free_keys.count("bulge_xc") == 1
     assert "disk_xc" not in model.keys and "disk_yc" not in model.keys
     assert model.n_free == 7 + 4  # sersic: 7, exponential: 6 minus the shared xc, yc
-    # only one xc is sampled
     obs = gb.Observation(image=np.zeros((30, 32)), sigma=np.ones((30, 32)), psf=_psf())
     gal = as_jax(model.pack(obs, {"bulge_xc": 13.3, "bulge_yc": 16.2}))
+    # only one xc is sampled
     trace = numpyro.handlers.trace(numpyro.handlers.seed(model.numpyro_model, 0)).get_trace(gal)
     sample_sites = [k for k, v in trace.items() if v["type"] == "sample" and not v["is_observed"]]
     assert [k for k in sample_sites if k.endswith("_xc")] == ["bulge_xc"]
