@@ -49,9 +49,16 @@ def _ellipse_radius(shape, xc, yc, pa, q):
 
 
 def _radial_edges(r_max, n_bins):
+    """Annulus edges up to ``r_max``: 1 pixel apart near the centre, log-spaced outside."""
     r_max = max(float(r_max), 2.0)
-    inner = np.geomspace(0.75, r_max, max(int(n_bins), 2))
-    return np.concatenate([[0.0], inner])
+    ratio = (r_max / 0.75) ** (1.0 / max(int(n_bins), 2))
+    edges = [0.0, 0.75]
+    while edges[-1] < r_max:
+        edges.append(max(edges[-1] + 1.0, edges[-1] * ratio))
+    edges[-1] = r_max
+    if edges[-1] - edges[-2] < 0.5:
+        del edges[-2]
+    return np.asarray(edges)
 
 
 def elliptical_profile(image, xc, yc, pa, q, *, weight=None, sigma=None, edges=None,
@@ -114,9 +121,7 @@ def _asinh_norm(data, weight, sigma, model=None):
 def _cmap(name, bad="0.75"):
     import matplotlib
 
-    cmap = matplotlib.colormaps[name].copy()
-    cmap.set_bad(bad)
-    return cmap
+    return matplotlib.colormaps[name].with_extremes(bad=bad)
 
 
 def _image_axis(ax, img, norm, cmap, title, *, mask=None):
@@ -418,9 +423,9 @@ def fit_output_figure(fit_output, galaxy_id, values=None, **kwargs):
         except (KeyError, ValueError, TypeError):
             pass
         kwargs["title"] = title
+    comps = {c.name: np.asarray(comps[c.name][0]) for c in model.components if c.name in comps}
     return fit_figure(data=np.asarray(gal.image), model=np.asarray(images[0]), sigma=np.asarray(gal.sigma),
-                      weight=np.asarray(gal.weight), components={k: np.asarray(v[0]) for k, v in comps.items()},
-                      **kwargs)
+                      weight=np.asarray(gal.weight), components=comps, **kwargs)
 
 
 def save_fit_figures(model, out_dir, *, fmt: str = "png", dpi: int = 110, ids=None) -> list:
@@ -452,7 +457,13 @@ def save_fit_figures(model, out_dir, *, fmt: str = "png", dpi: int = 110, ids=No
         title = gid
         if "chi2_red" in table.colnames:
             title += f"   χ²_red = {float(row['chi2_red']):.3f}"
-        fig = fit_figure(block, geometry=model_geometry(model, values) or None, title=title)
+        blk = read_block(block)
+        # the model's component order (block HDUs may be in another order)
+        order = [c.name.lower() for c in model.components]
+        comps = {n: blk["components"][n] for n in order if n in blk["components"]}
+        comps.update({n: v for n, v in blk["components"].items() if n not in comps})
+        fig = fit_figure(data=blk["data"], model=blk["model"], sigma=blk["sigma"], weight=blk["weight"],
+                         components=comps, geometry=model_geometry(model, values) or None, title=title)
         fig_dir.mkdir(parents=True, exist_ok=True)
         path = fig_dir / f"{safe_name(gid)}.{fmt}"
         fig.savefig(path, dpi=dpi)
@@ -589,8 +600,12 @@ def error_comparison_figure(values, err_cov, err_boot, labels=None, *, galaxy_la
         ax.errorbar(x + 0.12, y, yerr=eb[p], fmt="o", ms=3, color="tab:red", capsize=2, label="bootstrap")
         ax.set_ylabel(p + (" − fitted" if centre else ""), fontsize=8)
         ax.set_xticks(x)
-        ax.set_xticklabels(galaxy_labels if galaxy_labels is not None else [str(i) for i in x],
-                           fontsize=6, rotation=90 if galaxy_labels is not None else 0)
+        if galaxy_labels is not None:
+            ax.set_xticklabels(galaxy_labels, fontsize=6, rotation=30 if n_gal > 1 else 0,
+                               ha="right" if n_gal > 1 else "center")
+        else:
+            ax.set_xticklabels([str(i) for i in x], fontsize=6)
+        ax.set_xlim(-0.6, n_gal - 0.4)
         ax.tick_params(labelsize=7)
         if i == 0:
             ax.legend(fontsize=7, frameon=False)
@@ -730,14 +745,19 @@ def _samples_dict(samples, params):
     return {p: np.asarray(samples[p], np.float64).reshape(-1) for p in params}
 
 
-def _level_for_mass(h, mass):
-    """Histogram level enclosing ``mass`` of the counts (highest-density region)."""
-    flat = np.sort(h.ravel())[::-1]
-    cum = np.cumsum(flat)
-    if cum[-1] <= 0:
-        return np.nan
-    i = np.searchsorted(cum, mass * cum[-1])
-    return flat[min(i, flat.size - 1)]
+def _levels_enclosing(h, xc, yc, x, y, masses):
+    """Density levels of a (smoothed) 2-D histogram ``h`` on bin centres ``xc, yc`` whose
+    contours enclose the fractions ``masses`` of the samples ``(x, y)``.
+
+    The density is interpolated at every sample as the contour lines are, so a contour
+    encloses the stated fraction of the draws whatever the smoothing (a level taken from the
+    histogram's own mass would be biased outwards by it).
+    """
+    from scipy.interpolate import RegularGridInterpolator
+
+    interp = RegularGridInterpolator((xc, yc), h, bounds_error=False, fill_value=0.0)
+    dens = interp(np.column_stack([x, y]))
+    return [float(np.quantile(dens, 1.0 - m)) for m in masses]
 
 
 def _cov_ellipse(mean2, cov2, k, **kw):
@@ -769,6 +789,8 @@ def corner_with_laplace(samples, mean, cov, params, *, labels=None, truths=None,
     truths : array or dict, optional
         True values, drawn as thin lines.
     """
+    from scipy.ndimage import gaussian_filter
+
     params = list(params)
     P = len(params)
     s = _samples_dict(samples, params)
@@ -811,15 +833,16 @@ def corner_with_laplace(samples, mean, cov, params, *, labels=None, truths=None,
                 idx = np.arange(xi.size)
                 if xi.size > max_points:
                     idx = rng.choice(xi.size, max_points, replace=False)
-                ax.scatter(xi[idx], yi[idx], s=2, color="0.45", alpha=0.25, lw=0, rasterized=True)
-                h, xe, ye = np.histogram2d(xi, yi, bins=bins, range=[ranges[j], ranges[i]])
-                levels = sorted({_level_for_mass(h, m) for m in (0.864665, 0.393469)})
-                levels = [lv for lv in levels if np.isfinite(lv) and lv > 0]
-                if len(levels) >= 1:
-                    xc_ = 0.5 * (xe[1:] + xe[:-1])
-                    yc_ = 0.5 * (ye[1:] + ye[:-1])
-                    ax.contour(xc_, yc_, h.T, levels=levels + [h.max() * 1.0001] if len(levels) == 1 else levels,
-                               colors="k", linewidths=0.8)
+                ax.scatter(xi[idx], yi[idx], s=3, color="0.5", alpha=0.35, lw=0, rasterized=True)
+                nb2 = int(np.clip(np.sqrt(xi.size) / 1.5, 8, bins))
+                ok = np.isfinite(xi) & np.isfinite(yi)
+                h, xe, ye = np.histogram2d(xi[ok], yi[ok], bins=nb2, range=[ranges[j], ranges[i]])
+                h = gaussian_filter(h, 1.0)
+                xc_, yc_ = 0.5 * (xe[1:] + xe[:-1]), 0.5 * (ye[1:] + ye[:-1])
+                levels = _levels_enclosing(h, xc_, yc_, xi[ok], yi[ok], (0.864665, 0.393469)) if ok.sum() > 10 else []
+                levels = sorted({lv for lv in levels if np.isfinite(lv) and 0 < lv < h.max()})
+                if levels:
+                    ax.contour(xc_, yc_, h.T, levels=levels, colors="k", linewidths=0.8)
                 sub = cov[np.ix_([j, i], [j, i])]
                 for k, ls in ((1, "-"), (2, "--")):
                     ax.add_patch(_cov_ellipse((mean[j], mean[i]), sub, k, edgecolor="tab:red", lw=1.2, ls=ls))
@@ -838,7 +861,8 @@ def corner_with_laplace(samples, mean, cov, params, *, labels=None, truths=None,
                 ax.set_ylabel(labels.get(params[i], params[i]), fontsize=8)
             elif j > 0:
                 ax.tick_params(labelleft=False)
-    fig.text(0.99, 0.99, "grey/black: samples (39 %, 86 % HDR)\nred: Laplace 1σ, 2σ",
+    fig.text(0.98, 0.90 if title else 0.98, "grey points, black contours: samples (39 %, 86 % HDR)\n"
+             "red: Laplace 1σ (solid), 2σ (dashed)" + ("\nblue: truth" if truths is not None else ""),
              ha="right", va="top", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)

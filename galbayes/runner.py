@@ -22,9 +22,9 @@ Durability
 
 Memory
     Only the shard being fitted and the prefetched next one hold images; results go to
-    disk shard by shard. (The catalog's rows — ids and paths, a few hundred bytes each —
-    stay in memory, as :func:`galbayes.catalog.read_catalog` validates the whole catalog
-    before any fitting.)
+    disk shard by shard. The validated catalog rows are kept as compressed pickles per shard
+    (tens of bytes a row); :func:`galbayes.catalog.read_catalog`, which validates the whole
+    catalog before any fitting, briefly needs ~1–2.5 kB a row while it reads the table.
 
 Bad input
     Every catalog row gets exactly one result row whose ``status`` says what happened:
@@ -55,7 +55,6 @@ import hashlib
 import inspect
 import io
 import json
-import math
 import os
 import re
 import time
@@ -69,7 +68,7 @@ import numpy as np
 from .catalog import CatalogError, read_catalog
 from .devices import use_devices
 from .inference.map import MapOptions
-from .results import make_table, results_columns
+from .results import make_table
 
 __all__ = ["run_catalog", "ResumeError", "run_fingerprint", "describe_model", "shard_path",
            "read_manifest", "MANIFEST_NAME", "SHARD_DIR"]
@@ -470,6 +469,32 @@ def _assemble(out_dir: Path, model, run_id: str, shard_rows: list, errors, retur
 
 
 # ----------------------------------------------------------------------------- one shard
+class _ShardRows:
+    """The catalog's rows, cut into shards and kept as compressed pickles (tens of bytes a row
+    instead of ~900 for the row objects); ``store[k]`` unpacks shard ``k``."""
+
+    def __init__(self, rows: list, shard_size: int):
+        import pickle
+        import zlib
+
+        self.n_rows = len(rows)
+        self.shard_size = shard_size
+        self._blobs = [zlib.compress(pickle.dumps(rows[i:i + shard_size], protocol=pickle.HIGHEST_PROTOCOL), 1)
+                       for i in range(0, len(rows), shard_size)]
+
+    def __len__(self):
+        return len(self._blobs)
+
+    def __getitem__(self, k: int) -> list:
+        import pickle
+        import zlib
+
+        return pickle.loads(zlib.decompress(self._blobs[k]))
+
+    def size(self, k: int) -> int:
+        return min(self.shard_size, self.n_rows - k * self.shard_size)
+
+
 @dataclass(frozen=True)
 class ShardJob:
     """Everything a worker needs to fit shards of a run (picklable)."""
@@ -523,12 +548,23 @@ def _batches(packed: list, batch_size: int):
             yield items[start:start + batch_size]
 
 
+def _errors_kw(fn, job: ShardJob) -> dict:
+    """``{"errors": job.errors}`` if ``fn`` takes an ``errors`` keyword and one was asked for."""
+    if job.errors is None:
+        return {}
+    try:
+        takes = "errors" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"errors": job.errors} if takes else {}
+
+
 def _fit_batch(model, items, job: ShardJob):
     """Fit one batch; if that raises, fit its galaxies one by one. Returns (fitted, failed)."""
     from .pipeline import _fit_packed
 
     try:
-        return list(_fit_packed(model, items, job.options, job.batch_size)), {}
+        return list(_fit_packed(model, items, job.options, job.batch_size, **_errors_kw(_fit_packed, job))), {}
     except Exception as exc:  # noqa: BLE001
         if len(items) == 1:
             return [], {items[0][0]: _fail_message(exc)}
@@ -537,7 +573,7 @@ def _fit_batch(model, items, job: ShardJob):
     fitted, failed = [], {}
     for item in items:
         try:
-            fitted.extend(_fit_packed(model, [item], job.options, job.batch_size))
+            fitted.extend(_fit_packed(model, [item], job.options, job.batch_size, **_errors_kw(_fit_packed, job)))
         except Exception as exc:  # noqa: BLE001
             failed[item[0]] = _fail_message(exc)
     return fitted, failed
@@ -561,7 +597,7 @@ def _fit_shard(model, job: ShardJob, rows: list, loaded: list):
         for gid, msg in failed.items():
             results[obs_by_id[gid][0].index] = {"id": gid, "status": msg}
         for gid, gal, _, j, res in fitted:
-            results[obs_by_id[gid][0].index] = _result_row(model, gid, gal, res, j)
+            results[obs_by_id[gid][0].index] = _result_row(model, gid, gal, res, j, **_errors_kw(_result_row, job))
         if job.blocks and fitted:
             try:
                 _write_blocks(model, fitted, results, obs_by_id, out_dir)
@@ -594,19 +630,23 @@ def run_shard(job: ShardJob, k: int, rows: list) -> dict:
 
 # ----------------------------------------------------------------------------- engines
 def _run_local(job: ShardJob, model, todo: list, shard_rows, record, prefetch: bool):
+    def load(k):
+        rows = shard_rows(k)
+        return rows, _load_rows(model, rows)
+
     if not todo:
         return
     with use_devices(job.devices), ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(_load_rows, model, shard_rows(todo[0])) if prefetch else None
+        future = pool.submit(load, todo[0]) if prefetch else None
         for i, k in enumerate(todo):
             if prefetch:
-                loaded = future.result()
+                rows, loaded = future.result()
                 if i + 1 < len(todo):  # the next shard's images load while this one is fitted
-                    future = pool.submit(_load_rows, model, shard_rows(todo[i + 1]))
+                    future = pool.submit(load, todo[i + 1])
             else:
-                loaded = _load_rows(model, shard_rows(k))
-            record(_finish_shard(model, job, k, shard_rows(k), loaded))
-            del loaded
+                rows, loaded = load(k)
+            record(_finish_shard(model, job, k, rows, loaded))
+            del rows, loaded
 
 
 def _dask_client(dask):
@@ -629,25 +669,46 @@ def _dask_client(dask):
 
 
 def _run_dask(job: ShardJob, todo: list, shard_rows, record, dask, retries: int):
+    """Shards as Dask tasks, a bounded number in flight (the driver never holds every
+    shard's rows at once); the manifest is updated as each task finishes."""
     from distributed import as_completed
 
     client, closers = _dask_client(dask)
     try:
-        futures = {}
         stamp = f"{os.getpid()}-{time.time_ns()}"
-        for k in todo:
-            fut = client.submit(run_shard, job, k, shard_rows(k), key=f"galbayes-shard-{k:05d}-{job.run_id}-{stamp}",
-                                pure=False, retries=retries)
-            futures[fut] = k
+        pending = list(reversed(todo))
+        futures: dict = {}
+
+        def window() -> int:
+            try:
+                n_workers = len(client.scheduler_info().get("workers", {}))
+            except Exception:  # noqa: BLE001
+                n_workers = 0
+            return max(16, 4 * n_workers)
+
+        def submit(queue):
+            limit = window()
+            while pending and len(futures) < limit:
+                k = pending.pop()
+                fut = client.submit(run_shard, job, k, shard_rows(k), pure=False, retries=retries,
+                                    key=f"galbayes-shard-{k:05d}-{job.run_id}-{stamp}")
+                futures[fut] = k
+                if queue is not None:
+                    queue.add(fut)
+
+        submit(None)
+        queue = as_completed(list(futures))
         failed = []
-        for fut in as_completed(list(futures)):
-            k = futures[fut]
+        for fut in queue:
+            k = futures.pop(fut)
             try:
                 info = fut.result()
             except Exception as exc:  # noqa: BLE001  (KilledWorker, worker-side errors)
                 failed.append((k, exc))
-                continue
-            record(info)
+            else:
+                record(info)
+            fut.release()
+            submit(queue)
         if failed:
             k, exc = failed[0]
             raise RuntimeError(
@@ -755,14 +816,14 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
     catalog = Path(catalog).resolve()
     out_dir = Path(out_dir).resolve()
     rows = read_catalog(catalog, model=model)  # malformed catalogs stop here, before any fit
+    store = _ShardRows(rows, shard_size)
+    del rows  # memory: only the compressed shards of rows stay
     fp = run_fingerprint(catalog, model, options, batch_size=batch_size, shard_size=shard_size,
                          blocks=blocks, errors=errors)
     run_id = _sha256_json(fp["hashes"])[:16]
-    n_rows = len(rows)
-    n_shards = -(-n_rows // shard_size)
-
-    def shard_rows(k):
-        return rows[k * shard_size:(k + 1) * shard_size]
+    n_rows = store.n_rows
+    n_shards = len(store)
+    shard_rows = store.__getitem__
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(out_dir):
@@ -772,7 +833,7 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
             changes = _what_changed(old.get("fingerprint", {}), fp)
             if changes:
                 raise ResumeError(f"cannot resume the run in {out_dir}: " + "; ".join(changes)
-                                  + ". Run without resume (--resume) to start afresh, or use another output folder.")
+                                  + ". To start afresh run without --resume (resume=False), or use another output folder.")
             for key, info in old.get("shards", {}).items():
                 k = int(key)
                 p = out_dir / info.get("file", "")
@@ -792,7 +853,7 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=n_rows, initial=sum(len(shard_rows(k)) for k in done), unit="gal", desc="fitting")
+            bar = tqdm(total=n_rows, initial=sum(store.size(k) for k in done), unit="gal", desc="fitting")
 
         def record(info):
             manifest["shards"][str(info["shard"])] = info
@@ -811,7 +872,7 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
         finally:
             if bar is not None:
                 bar.close()
-        table = _assemble(out_dir, model, run_id, [(k, len(shard_rows(k))) for k in range(n_shards)],
+        table = _assemble(out_dir, model, run_id, [(k, store.size(k)) for k in range(n_shards)],
                           errors, return_table)
         manifest["complete"] = True
         _write_json(manifest_path, manifest)

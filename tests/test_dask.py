@@ -13,7 +13,7 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from test_runner import BATCH, FIT, model, run, write_catalog  # noqa: E402
+from test_runner import run, write_catalog  # noqa: E402
 
 _SLOW_DOWN = """
 import time

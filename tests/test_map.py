@@ -1,13 +1,16 @@
 """MAP fits (SVI + LM polish) on GalSim mocks: accuracy against Imfit, χ² minimum reached,
 the χ²-distribution likelihood's shell, batch invariance and per-galaxy convergence.
 
-JAX compile time dominates this module (tens of seconds per batch shape and option set on
-a 2-core CPU), so every default fit uses one model object and batches of 8 galaxies, and the
-fits are module-scoped fixtures shared by the tests.
+JAX compile time dominates this module (30-45 s per compiled program, i.e. per option set
+and batch shape, on a 2-core CPU), so the default fits share one model object and batches of
+8 galaxies (the shape test_catalog.py compiles too), the capped-budget fits use the demo's
+budget (test_cli.py), and a persistent XLA cache lets the modules reuse each other's
+programs within one pytest run.
 """
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -29,6 +32,9 @@ BATCH = 8                 # the one batch size (compiled shape) of the default f
 N_GENERAL = 16            # mocks with n 0.5-6, re 2-20 px, q 0.25-1 (also fitted by Imfit)
 N_HIGH_N = 24             # mocks with n 4-6
 CHI2_TOL = 0.1            # "on the χ² minimum": within this of an independent LM minimum
+# A reduced iteration budget: the batch-invariance and iteration-cap tests use the demo's
+# (test_cli.py), so the batch-of-2 program is compiled once per pytest run.
+BUDGET = dict(max_iter=5, lm_iter=10)
 
 
 def _share_compiled_programs():
@@ -122,9 +128,8 @@ class Chi2Reference:
         return gal.values0.at[jnp.asarray(self.model.free)].set(jnp.asarray(x, jnp.float32))
 
     def chi2(self, obs, values: dict) -> float:
-        gal = self._gal(obs, None)
-        v = jnp.asarray([values[k] for k in self.model.keys], jnp.float32)
-        r = np.asarray(self._res(v, gal), np.float64)
+        gal = self._gal(obs, {k: values[k] for k in self.model.free_keys})
+        r = np.asarray(self._res(gal.values0, gal), np.float64)
         return float(r @ r)
 
     def minimum(self, obs, start: dict) -> tuple[float, dict]:
@@ -238,7 +243,11 @@ def test_chi2_reaches_independent_lm_minimum(model, general, high_n, fit_general
     if d_im:
         print(f"chi2(galbayes) - chi2(Imfit) where re, n agree to 1% ({len(d_im)} galaxies): "
               f"median {np.median(d_im):+.2f}, range [{min(d_im):+.2f}, {max(d_im):+.2f}]")
-        assert abs(np.median(d_im)) < 0.01 * np.median([r["chi2"] for r in rows])
+        assert abs(np.median(d_im)) < 1.0 and max(abs(v) for v in d_im) < 5.0
+    # Imfit's solution scored by galbayes' model is never better than galbayes' MAP.
+    cross = [chi2_ref.chi2(m.obs, im) - chi2_ref.chi2(m.obs, r) for m, r, im in zip(mocks, rows, imfit_general)]
+    print(f"chi2_galbayes(Imfit solution) - chi2_galbayes(MAP): min {min(cross):+.3f}, median {np.median(cross):+.3f}")
+    assert min(cross) >= -CHI2_TOL
     assert frac >= 0.98, "\n".join(lines)
 
 
@@ -275,33 +284,45 @@ def _values(out, ids):
 
 def test_identical_galaxies_identical_answers(model, general):
     m = general[3]
-    out = fit(model, [m.obs] * BATCH, init=[m.init] * BATCH, batch_size=BATCH)
+    # distinct ids: galbayes.pipeline.fit keys its results by id
+    copies = [dataclasses.replace(m.obs, id=f"copy{i}") for i in range(BATCH)]
+    out = fit(model, copies, init=[m.init] * BATCH, batch_size=BATCH)
+    assert list(out.table["id"]) == [o.id for o in copies]
     v = np.array([[float(r[k]) for k in model.keys] for r in out.table])
     np.testing.assert_allclose(v, np.broadcast_to(v[0], v.shape), rtol=1e-4, atol=1e-6)
     assert len(set(out.table["n_iter"])) == 1
 
 
-def test_answers_independent_of_batch_size_and_position(model, general):
+@pytest.fixture(scope="module")
+def capped(model, general):
+    """general[:8] on the reduced budget."""
+    return _fit(model, general[:BATCH], **BUDGET)
+
+
+def test_answers_independent_of_batch_size_and_position(model, general, capped):
+    """On a capped budget, so that each galaxy's whole trajectory is compared, not only the
+    minimum it converges to."""
     mocks = general[:5]
     ids = [m.obs.id for m in mocks]
-    ref = _values(_fit(model, mocks, batch_size=BATCH), ids)
+    ref = _values(capped, ids)
     for bs in (1, 2):
-        np.testing.assert_allclose(_values(_fit(model, mocks, batch_size=bs), ids), ref,
-                                   rtol=1e-4, atol=1e-6, err_msg=f"batch_size={bs}")
+        out = _fit(model, mocks, batch_size=bs, **BUDGET)
+        print(f"\nbatch_size {bs}: n_iter {list(out.table['n_iter'])}, batch_size 8: {list(capped.table['n_iter'][:5])}")
+        np.testing.assert_allclose(_values(out, ids), ref, rtol=1e-4, atol=1e-6, err_msg=f"batch_size={bs}")
     perm = [3, 0, 4, 1, 2]
-    np.testing.assert_allclose(_values(_fit(model, [mocks[i] for i in perm], batch_size=BATCH), ids), ref,
-                               rtol=1e-4, atol=1e-6, err_msg="permuted")
+    out = _fit(model, [mocks[i] for i in perm], batch_size=BATCH, **BUDGET)
+    np.testing.assert_allclose(_values(out, ids), ref, rtol=1e-4, atol=1e-6, err_msg="permuted")
 
 
 # --------------------------------------------------------------------------- convergence
-def test_per_galaxy_convergence(model, general, fit_general):
+def test_per_galaxy_convergence(fit_general, capped):
     t = fit_general.table
     assert len(set(int(i) for i in t["n_iter"])) > 1, list(t["n_iter"])
     assert all(bool(c) for c in t["converged"]), list(t["converged"])
-    capped = _fit(model, general[:BATCH], max_iter=3, lm_iter=2)
-    print("\ncapped n_iter:", list(capped.table["n_iter"]), "converged:", list(capped.table["converged"]))
-    assert all(int(i) <= 5 for i in capped.table["n_iter"])
-    assert not all(bool(c) for c in capped.table["converged"])
+    c = capped.table
+    print("\ncapped n_iter:", [int(i) for i in c["n_iter"]], "converged:", [bool(v) for v in c["converged"]])
+    assert all(int(i) <= BUDGET["max_iter"] + BUDGET["lm_iter"] for i in c["n_iter"])
+    assert not all(bool(v) for v in c["converged"])
 
 
 def test_svi_only_lands_at_higher_chi2(model, general, fit_general, chi2_ref):
@@ -327,7 +348,8 @@ def test_start_on_a_bound_is_not_stuck(model, general, chi2_ref):
     m = sersic_mocks(1, seed=1)[0]          # true q = 0.96; the mock's start has q clipped to 1.0
     assert m.init["sersic_q"] == 1.0
     others = general[:BATCH - 2]
-    out = fit(model, [m.obs, m.obs] + [g.obs for g in others],
+    starts = [dataclasses.replace(m.obs, id=f"bound{i}") for i in range(2)]
+    out = fit(model, starts + [g.obs for g in others],
               init=[m.init, dict(m.init, sersic_q=0.99)] + [g.init for g in others], batch_size=BATCH)
     on_bound, inside = table_rows(out)[:2]
     gap = chi2_ref.chi2(m.obs, on_bound) - chi2_ref.chi2(m.obs, inside)
@@ -336,3 +358,19 @@ def test_start_on_a_bound_is_not_stuck(model, general, chi2_ref):
           f"converged {list(out.table['converged'][:2])}")
     assert gap <= CHI2_TOL
     assert on_bound["sersic_q"] < 1.0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "galbayes bug: pipeline.fit keys its results by galaxy id, so two observations with the "
+    "same id silently get the same row (the last one's fit) instead of an error or one row each"))
+def test_duplicate_ids_are_not_merged(model, general):
+    mocks = general[:BATCH]
+    obs = [m.obs for m in mocks]
+    obs[1] = dataclasses.replace(obs[1], id=obs[0].id)
+    try:
+        out = fit(model, obs, init=[m.init for m in mocks], batch_size=BATCH)
+    except ValueError:
+        return                                     # refusing duplicate ids is fine too
+    t = out.table
+    assert len(t) == BATCH
+    assert not np.isclose(float(t[0]["sersic_re"]), float(t[1]["sersic_re"]), rtol=1e-6)

@@ -207,7 +207,7 @@ def test_resume_refused_when_inputs_changed(tmp_path):
     write_catalog(tmp_path, rows)
     with pytest.raises(ResumeError, match="catalog file's contents changed") as exc:
         run(cat, out, resume=True)
-    assert "without resume" in str(exc.value)
+    assert "without --resume" in str(exc.value)
     write_catalog(tmp_path, 8)
     # recipe changed: the message names the parameter that differs
     other = recipe_from_dict({"oversample": [], "components": {"g": {"profile": "gaussian",

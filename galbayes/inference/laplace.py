@@ -161,14 +161,16 @@ def _one_hessian(model: Model, values, gal: GalaxyArrays, likelihood: str = "gau
     return hess, g
 
 
-def _one_loglike_curvature(model: Model, values, gal: GalaxyArrays, likelihood: str):
+def _one_loglike_curvature(model: Model, values, gal: GalaxyArrays):
     free = jnp.asarray(model.free)
 
     def negll(v):
         c2 = model.chi2(values.at[free].set(v), gal)
-        return -model.loglike_from_chi2(c2, gal, likelihood)
+        return jnp.stack([-model.loglike_from_chi2(c2, gal, "gaussian"),
+                          -model.loglike_from_chi2(c2, gal, "chi2")])
 
-    return jax.hessian(negll)(values[free])
+    hess = jax.jacfwd(jax.jacrev(negll))(values[free])            # (2, S, S)
+    return hess[0], hess[1]
 
 
 _COMPILED: dict = {}
@@ -181,8 +183,8 @@ def _compiled(model: Model, what: str):
             fn = lambda v, g: _one_jacobian(model, v, g)            # noqa: E731
         elif what == "hessian":
             fn = lambda v, g: _one_hessian(model, v, g)             # noqa: E731
-        else:  # ("curvature", likelihood)
-            fn = lambda v, g: _one_loglike_curvature(model, v, g, what[len("curv:"):])  # noqa: E731
+        else:  # "curvature"
+            fn = lambda v, g: _one_loglike_curvature(model, v, g)   # noqa: E731
         _COMPILED[key] = (model, jax.jit(jax.vmap(fn)))
     return _COMPILED[key][1]
 
@@ -335,14 +337,15 @@ def _assemble(model, batch, values, mats, jacs, method):
     return LaplaceResult(errors, cov, flags)
 
 
-def loglike_curvature(model: Model, batch: GalaxyArrays, values, likelihood: str) -> np.ndarray:
-    """Hessian of −ln L (no prior) w.r.t. the free parameters in user units, per galaxy.
+def loglike_curvature(model: Model, batch: GalaxyArrays, values) -> dict:
+    """Hessians of −ln L (no prior) w.r.t. the free parameters in user units, per galaxy.
 
-    ``likelihood`` is ``"gaussian"`` or ``"chi2"``; used to show that the χ²-distribution
-    curvature is ~1/k of the Gaussian one (module docstring).
+    Returns ``{"gaussian": (B, S, S), "chi2": (B, S, S)}`` for the two pixel likelihoods,
+    computed by automatic differentiation of the likelihood code itself; used to show that
+    the χ²-distribution curvature is ~1/k of the Gaussian one (module docstring).
     """
     batch = jax.tree_util.tree_map(np.asarray, batch)
     values = np.atleast_2d(np.asarray(values, np.float64))
-    out = _compiled(model, "curv:" + likelihood)(jnp.asarray(values, jnp.float32),
-                                                 jax.tree_util.tree_map(jnp.asarray, batch))
-    return np.asarray(out, np.float64)
+    gauss, chi2 = _compiled(model, "curvature")(jnp.asarray(values, jnp.float32),
+                                                jax.tree_util.tree_map(jnp.asarray, batch))
+    return {"gaussian": np.asarray(gauss, np.float64), "chi2": np.asarray(chi2, np.float64)}

@@ -24,9 +24,9 @@ vector costs (B·S)² (numpyro's block ``dense_mass`` lists would recover the bl
 the shared step size). Per-galaxy kernels avoid all that.
 
 Chains start at the MAP (numpyro's ``init_to_value`` semantics). NUTS runs in *whitened*
-unconstrained coordinates ``u``: ``z = z_MAP + L u`` with ``L L ᵀ`` the Laplace covariance in
-numpyro's unconstrained space (:mod:`galbayes.inference.laplace`; a constant linear map, so
-the target is unchanged up to a constant). Without it the posterior widths in ``z`` are
+unconstrained coordinates ``u``: ``z = z_MAP + L u`` with ``L Lᵀ`` the inverse Gauss–Newton
+curvature of the potential in numpyro's unconstrained space (a Laplace covariance; a
+constant linear map, so the target is unchanged up to a constant). Without it the posterior widths in ``z`` are
 ~1e-3 (a centre known to 0.02 px within bounds 48 px wide) and numpyro's mass-matrix
 regularisation (shrinkage towards 1e-3·I) swamps the adapted covariance, giving step sizes
 far too small and trees of depth 5–7; whitened, the posterior is ~N(0, I) and the trees are
@@ -59,8 +59,7 @@ from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
 from ..likelihood import check_likelihood
 from ..model import GalaxyArrays, Model
-from .laplace import _compiled as _laplace_compiled
-from .laplace import _run_batched, invert_curvature, values_into_bounds
+from .laplace import invert_curvature, values_into_bounds
 
 __all__ = ["NutsResult", "run_nuts", "to_inference_data", "save_posteriors", "summary_rows"]
 
@@ -76,6 +75,7 @@ class NutsResult(NamedTuple):
     step_size : (B, C) adapted step sizes.
     accept_prob : (B,) mean acceptance probability after warmup.
     potential : (B, C, D) potential energy (−log posterior in unconstrained space).
+    diverging, num_steps : (B, C, D) per-draw divergence flags and leapfrog steps.
     likelihood : str
     free_keys, keys : lists of parameter names
     wall_time : float, seconds for sampling + transforms (compilation included on the
@@ -91,6 +91,8 @@ class NutsResult(NamedTuple):
     step_size: np.ndarray
     accept_prob: np.ndarray
     potential: np.ndarray
+    diverging: np.ndarray
+    num_steps: np.ndarray
     likelihood: str
     free_keys: list
     keys: list
@@ -179,27 +181,59 @@ def _get_program(model, *args):
     return _PROGRAMS[key]
 
 
+def _one_fisher_z(model: Model, values, gal: GalaxyArrays):
+    """Gauss–Newton curvature Jzᵀ W Jz of χ²/2 in numpyro's unconstrained coordinates, plus
+    the curvature of the bijection's log-Jacobian (forward mode only: cheap to compile)."""
+    names = _site_names(model)
+    sites = model.site_values(values, gal)
+    z0 = unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, sites)
+    x0 = jnp.stack([z0[k] for k in names])
+
+    def unravel(x):
+        return {k: x[i] for i, k in enumerate(names)}
+
+    def pixels(x):
+        s = constrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, unravel(x))
+        return model.render(model.values_from_sites(s, gal), gal).reshape(-1)
+
+    def prior_grad(x):
+        return jax.grad(lambda y: potential_energy(model.numpyro_model, (gal,), {"likelihood": "none"},
+                                                   unravel(y)))(x)
+
+    jac = jax.jacfwd(pixels)(x0)
+    w = (gal.weight / jnp.square(gal.sigma)).reshape(-1)
+    return jnp.einsum("ns,n,nt->st", jac, w, jac) + jax.jacfwd(prior_grad)(x0)
+
+
+_FISHER: dict = {}
+
+
 def _whitening(model: Model, batch: GalaxyArrays, values) -> np.ndarray:
-    """Cholesky factor of the Laplace covariance in numpyro's unconstrained space, per galaxy
-    (a diagonal guess where the Laplace matrix is flagged; warmup adapts on top anyway)."""
-    mats, _ = _run_batched(_laplace_compiled(model, "hessian"), values, batch, None)
+    """Cholesky factor of the (Gauss–Newton) Laplace covariance in numpyro's unconstrained
+    space, per galaxy; a diagonal guess where it is not positive definite (the warmup adapts
+    the mass matrix on top anyway)."""
+    if id(model) not in _FISHER:
+        _FISHER[id(model)] = (model, jax.jit(jax.vmap(lambda v, g: _one_fisher_z(model, v, g))))
+    mats = np.asarray(_FISHER[id(model)][1](jnp.asarray(values, jnp.float32),
+                                            jax.tree_util.tree_map(jnp.asarray, batch)), np.float64)
     s = model.n_free
     out = np.zeros((values.shape[0], s, s), np.float32)
     for j, m in enumerate(mats):
-        _, cov, flag = invert_curvature(m, keys=model.free_keys)
+        _, cov, _ = invert_curvature(m, keys=model.free_keys)
         try:
             if not np.all(np.isfinite(cov)):
                 raise np.linalg.LinAlgError
             out[j] = np.linalg.cholesky(cov)
         except np.linalg.LinAlgError:
-            d = np.abs(np.diag(np.asarray(m, np.float64)))
+            d = np.abs(np.diag(m))
             out[j] = np.diag(np.sqrt(np.where(d > 0, 1.0 / np.maximum(d, 1e-30), 1.0).clip(1e-12, 1.0)))
     return out
 
 
 def run_nuts(model: Model, batch: GalaxyArrays, values, *, chains: int = 4, draws: int = 1000,
              warmup: int = 500, seed: int = 0, likelihood: str = "gaussian", dense_mass: bool = True,
-             target_accept: float = 0.8, max_tree_depth: int = 8) -> NutsResult:
+             target_accept: float = 0.8, max_tree_depth: int = 8,
+             batch_size: int | None = None) -> NutsResult:
     """Run NUTS for every galaxy of ``batch`` (all chains of all galaxies vectorised).
 
     Parameters
@@ -215,17 +249,43 @@ def run_nuts(model: Model, batch: GalaxyArrays, values, *, chains: int = 4, draw
         Pixel likelihood (Gaussian by default; see the module docstring).
     dense_mass : bool
         Dense (default) or diagonal mass matrix per galaxy.
-    target_accept, max_tree_depth : NUTS settings.
+    target_accept, max_tree_depth : NUTS settings (the vectorised batch waits for its
+        deepest tree, so the depth cap also caps the cost of a pathological galaxy).
+    batch_size : int, optional
+        Galaxies per jitted run (padded to one shape); default all at once.
 
     Returns
     -------
     NutsResult
     """
-    import arviz as az
-
     likelihood = check_likelihood(likelihood)
     batch = jax.tree_util.tree_map(np.asarray, batch)
     values = values_into_bounds(model, batch, np.atleast_2d(np.asarray(values, np.float64)))
+    n_gal = values.shape[0]
+    size = n_gal if not batch_size or batch_size >= n_gal else int(batch_size)
+    settings = (likelihood, chains, draws, warmup, dense_mass, target_accept, max_tree_depth)
+    parts = []
+    for c, start in enumerate(range(0, n_gal, size)):
+        idx = np.arange(start, min(start + size, n_gal))
+        n_real = len(idx)
+        idx = np.concatenate([idx, np.full(size - n_real, idx[-1])])
+        sub = jax.tree_util.tree_map(lambda a: a[idx], batch)
+        out = _run_chunk(model, sub, values[idx], seed + 7919 * c, settings)
+        parts.append(tuple(o[:n_real] if isinstance(o, np.ndarray) else o for o in out))
+    vals, div, nsteps, acc, pe, step = (np.concatenate([p[i] for p in parts]) for i in range(6))
+    wall = sum(p[6] for p in parts)
+    compile_time = sum(p[7] for p in parts)
+    r_hat, ess = _diagnostics(model, vals, chains)
+    return NutsResult(
+        samples=vals, r_hat=r_hat, ess_bulk=ess, divergences=div.sum(axis=(1, 2)).astype(int),
+        mean_tree_steps=nsteps.mean(axis=(1, 2)), step_size=step, accept_prob=acc.mean(axis=(1, 2)),
+        potential=pe, diverging=div, num_steps=nsteps, likelihood=likelihood,
+        free_keys=list(model.free_keys), keys=list(model.keys), wall_time=wall,
+        compile_time=compile_time)
+
+
+def _run_chunk(model, batch, values, seed, settings):
+    likelihood, chains, draws, warmup, dense_mass, target_accept, max_tree_depth = settings
     n_gal = values.shape[0]
     names = _site_names(model)
     z0 = np.empty((n_gal, len(names)), np.float32)
@@ -236,8 +296,7 @@ def run_nuts(model: Model, batch: GalaxyArrays, values, *, chains: int = 4, draw
         z0[j] = [float(z[k]) for k in names]
     chol = _whitening(model, batch, values)
     keys = jax.random.split(jax.random.PRNGKey(seed), (n_gal, chains))
-    _, prog, compiled = _get_program(model, likelihood, chains, draws, warmup, dense_mass,
-                                     target_accept, max_tree_depth)
+    _, prog, compiled = _get_program(model, *settings)
     args = (jnp.asarray(z0), jnp.asarray(chol), jax.tree_util.tree_map(jnp.asarray, batch), keys)
     shape_key = tuple(np.shape(a) for a in jax.tree_util.tree_leaves(args))
     t0 = time.perf_counter()
@@ -245,26 +304,29 @@ def run_nuts(model: Model, batch: GalaxyArrays, values, *, chains: int = 4, draw
         compiled[shape_key] = prog.lower(*args).compile()
     compile_time = time.perf_counter() - t0
     t0 = time.perf_counter()
-    vals, div, nsteps, acc, pe, step = jax.block_until_ready(compiled[shape_key](*args))
+    out = jax.block_until_ready(compiled[shape_key](*args))
     wall = time.perf_counter() - t0
-    vals = np.asarray(vals, np.float64)
+    vals, div, nsteps, acc, pe, step = (np.asarray(o) for o in out)
+    return vals.astype(np.float64), div, nsteps, acc, pe, step, wall, compile_time
+
+
+def _diagnostics(model, vals, chains):
+    """Rank-normalised split R-hat and bulk ESS (ArviZ) per galaxy and free parameter."""
+    import arviz as az
+
     free = np.asarray(model.free)
+    n_gal = vals.shape[0]
     r_hat = np.full((n_gal, len(free)), np.nan)
     ess = np.full((n_gal, len(free)), np.nan)
     for j in range(n_gal):
         for s, i in enumerate(free):
             x = vals[j, :, :, i]    # angles are sampled inside init ± 90°: no wrapping
-            if chains >= 2 and np.all(np.isfinite(x)):
+            if not np.all(np.isfinite(x)):
+                continue
+            if chains >= 2:
                 r_hat[j, s] = float(az.rhat(x))
-            if np.all(np.isfinite(x)):
-                ess[j, s] = float(az.ess(x, method="bulk"))
-    div = np.asarray(div)
-    return NutsResult(
-        samples=vals, r_hat=r_hat, ess_bulk=ess, divergences=div.sum(axis=(1, 2)).astype(int),
-        mean_tree_steps=np.asarray(nsteps).mean(axis=(1, 2)), step_size=np.asarray(step),
-        accept_prob=np.asarray(acc).mean(axis=(1, 2)), potential=np.asarray(pe),
-        likelihood=likelihood, free_keys=list(model.free_keys), keys=list(model.keys),
-        wall_time=wall, compile_time=compile_time)
+            ess[j, s] = float(az.ess(x, method="bulk"))
+    return r_hat, ess
 
 
 def to_inference_data(model: Model, result: NutsResult, j: int, *, galaxy_id=None, map_values=None):
@@ -272,8 +334,8 @@ def to_inference_data(model: Model, result: NutsResult, j: int, *, galaxy_id=Non
     import arviz as az
 
     posterior = {k: result.samples[j, :, :, result.keys.index(k)] for k in result.free_keys}
-    pot = result.potential[j]
-    stats = {"lp": -pot}
+    stats = {"lp": -result.potential[j], "diverging": result.diverging[j].astype(bool),
+             "n_steps": result.num_steps[j]}
     attrs = {"likelihood": result.likelihood, "galaxy_id": str(galaxy_id if galaxy_id is not None else j),
              "sampler": "numpyro NUTS (vectorised over galaxies and chains)",
              "divergences": int(result.divergences[j])}
