@@ -19,7 +19,7 @@ import numpy as np
 from .catalog import read_catalog
 from .data import Observation
 from .errors import InputError, ModelError
-from .inference.map import MapOptions, fit_map
+from .inference.map import MapOptions, MapResult, fit_map
 from .model import GalaxyArrays, Model
 from .results import make_table, safe_name, write_block, write_table
 
@@ -34,6 +34,7 @@ class FitOutput:
     model: Model
     galaxies: dict = field(default_factory=dict)   # id -> GalaxyArrays (numpy)
     values: dict = field(default_factory=dict)     # id -> entry vector at the MAP
+    covariance: dict = field(default_factory=dict)  # id -> (S, S) free-parameter covariance (errors=...)
 
     def row(self, galaxy_id) -> dict:
         t = self.table[list(self.table["id"]).index(str(galaxy_id))]
@@ -68,8 +69,64 @@ def _padded_size(n: int, batch_size: int) -> int:
     return min(size, batch_size)
 
 
-def _fit_packed(model, packed: list, options: MapOptions, batch_size: int):
-    """Fit ``[(gid, GalaxyArrays)]`` grouped by shape in fixed-size batches; yields per galaxy."""
+ERROR_METHODS = ("none", "laplace", "jacobian", "bootstrap")
+
+
+@dataclass(frozen=True)
+class ErrorRequest:
+    """Error bars asked of a catalog run: the method and where to write the covariances."""
+
+    method: str
+    covariance_dir: str | None = None
+
+
+def _error_method(errors) -> str:
+    method = getattr(errors, "method", errors) or "none"
+    if method not in ERROR_METHODS:
+        raise ValueError(f"errors must be one of {ERROR_METHODS}, got {method!r}")
+    return method
+
+
+def _with_errors(model, batch, res, errors):
+    """Attach error bars of a fitted batch to its MapResult (``err``, ``cov``, ``err_flags``):
+    ``"laplace"`` = numpyro Laplace (Hessian), ``"jacobian"`` = the paper's (JᵀWJ)⁻¹,
+    ``"bootstrap"`` = pixel bootstrap (galbayes.inference)."""
+    method = _error_method(errors)
+    if method == "none":
+        return res
+    from .inference import bootstrap_errors, laplace_errors
+
+    if method == "bootstrap":
+        est = bootstrap_errors(model, batch, res.values)
+    else:
+        est = laplace_errors(model, batch, res.values, method="hessian" if method == "laplace" else "jacobian")
+    out = _MapWithErrors(*res)
+    out.err, out.cov, out.err_flags, out.err_method = est.errors, est.covariance, est.flags, method
+    return out
+
+
+class _MapWithErrors(MapResult):
+    """A MapResult carrying error bars as attributes (see :func:`_with_errors`)."""
+
+
+def _write_covariance(model, gid, res, j, directory) -> None:
+    from astropy.io import fits
+
+    hdu = fits.PrimaryHDU(np.asarray(res.cov[j], np.float64))
+    hdu.header["METHOD"] = res.err_method
+    hdu.header["FLAG"] = str(res.err_flags[j])[:68]
+    for s, key in enumerate(model.free_keys):
+        hdu.header[f"PAR{s}"] = key
+    path = Path(directory) / f"{safe_name(gid)}.fits"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hdu.writeto(path, overwrite=True)
+
+
+def _fit_packed(model, packed: list, options: MapOptions, batch_size: int, errors=None):
+    """Fit ``[(gid, GalaxyArrays)]`` grouped by shape in fixed-size batches; yields per galaxy.
+
+    ``errors`` (a method name or :class:`ErrorRequest`) adds error bars to each batch's result
+    and, for a request with a ``covariance_dir``, writes ``<dir>/<id>.fits``."""
     groups: dict = {}
     for gid, gal in packed:
         groups.setdefault((gal.image.shape, gal.psf.shape), []).append((gid, gal))
@@ -78,23 +135,29 @@ def _fit_packed(model, packed: list, options: MapOptions, batch_size: int):
             chunk = items[start:start + batch_size]
             size = _padded_size(len(chunk), batch_size)
             batch = Model.stack(_pad([g for _, g in chunk], size))
-            res = fit_map(model, batch, options=options)
+            res = _with_errors(model, batch, fit_map(model, batch, options=options), errors)
             for j, (gid, gal) in enumerate(chunk):
+                if getattr(errors, "covariance_dir", None) and hasattr(res, "cov"):
+                    _write_covariance(model, gid, res, j, errors.covariance_dir)
                 yield gid, gal, batch, j, res
 
 
-def _result_row(model, gid, gal, res, j) -> dict:
+def _result_row(model, gid, gal, res, j, errors=None) -> dict:
     k = float(np.sum(gal.weight)) - model.n_free
     row = {"id": gid, "chi2": res.chi2[j], "chi2_red": res.chi2[j] / k if k > 0 else np.nan,
            "loglike": res.loglike[j], "n_iter": int(res.n_iter[j]), "converged": bool(res.converged[j])}
     row.update(zip(model.keys, res.values[j]))
     finite = np.all(np.isfinite(res.values[j])) and np.isfinite(res.chi2[j])
     row["status"] = "ok" if finite else "fit failed: non-finite parameters or chi2"
+    if hasattr(res, "err"):
+        row.update({k + "_err": v for k, v in zip(model.keys, res.err[j])})
+        if res.err_flags[j] != "ok" and finite:
+            row["status"] = f"ok; errors: {res.err_flags[j]}"
     return row
 
 
 def fit(model: Model, observations, *, init=None, options: MapOptions | None = None,
-        batch_size: int = 64, **option_kw) -> FitOutput:
+        batch_size: int = 64, errors: str = "none", **option_kw) -> FitOutput:
     """Fit in-memory galaxies (MAP: SVI + optax, LM polish).
 
     Parameters
@@ -108,7 +171,12 @@ def fit(model: Model, observations, *, init=None, options: MapOptions | None = N
         Fitter settings; keyword arguments override fields.
     batch_size : int
         Galaxies per jitted batch.
+    errors : {"none", "laplace", "jacobian", "bootstrap"}
+        Error bars: ``<key>_err`` columns and ``FitOutput.covariance[id]`` (numpyro Laplace,
+        the paper's (JᵀWJ)⁻¹, or the pixel bootstrap; see :mod:`galbayes.inference`). A
+        flagged covariance makes the status ``"ok; errors: <flag>"``.
     """
+    _error_method(errors)
     if isinstance(observations, Observation):
         observations = [observations]
     inits = init if isinstance(init, (list, tuple)) else [init] * len(observations)
@@ -126,11 +194,13 @@ def fit(model: Model, observations, *, init=None, options: MapOptions | None = N
             rows[gid] = {"id": gid, "status": f"error: {exc}"}
             continue
         packed.append((gid, gal))
-    for gid, gal, _, j, res in _fit_packed(model, packed, opts, batch_size):
+    for gid, gal, _, j, res in _fit_packed(model, packed, opts, batch_size, errors=errors):
         rows[gid] = _result_row(model, gid, gal, res, j)
         out.galaxies[gid] = gal
         out.values[gid] = res.values[j]
-    out.table = make_table(model, [rows[g] for g in order])
+        if hasattr(res, "cov"):
+            out.covariance[gid] = res.cov[j]
+    out.table = make_table(model, [rows[g] for g in order], errors=_error_method(errors) != "none")
     return out
 
 
@@ -148,7 +218,7 @@ def _load_chunk(model, rows):
 def fit_catalog(catalog, model: Model, out_dir, *, options: MapOptions | None = None,
                 batch_size: int = 64, chunk_size: int | None = None, blocks: bool = True,
                 progress: bool = True, resume: bool = False, shard_size: int | None = None,
-                dask=None, **option_kw):
+                dask=None, errors: str = "none", **option_kw):
     """Fit every galaxy of a catalog file and write the results into ``out_dir``.
 
     Parameters
@@ -173,6 +243,12 @@ def fit_catalog(catalog, model: Model, out_dir, *, options: MapOptions | None = 
         images are read on a background thread while this one is fitted.
     dask : str or distributed.Client, optional
         Fit the shards on a Dask cluster: a scheduler address or ``"local:N"``.
+    errors : {"none", "laplace", "jacobian", "bootstrap"}
+        Error bars (see :func:`fit`): ``<key>_err`` columns, and the free-parameter
+        covariance of each galaxy in ``out_dir/covariance/<id>.fits`` (header ``PARi`` =
+        parameter names, ``FLAG``).
+
+    ``out_dir/run.json`` records the catalog and recipe paths (for ``galbayes sample``).
 
     Returns
     -------
@@ -184,9 +260,28 @@ def fit_catalog(catalog, model: Model, out_dir, *, options: MapOptions | None = 
         opts = MapOptions(**{**opts.__dict__, **option_kw})
     from .runner import run_catalog
 
-    return run_catalog(catalog, model, out_dir, options=opts, batch_size=batch_size,
-                       shard_size=shard_size or chunk_size, blocks=blocks, progress=progress,
-                       resume=resume, dask=dask)
+    method = _error_method(errors)
+    request = None
+    if method != "none":
+        cov_dir = Path(out_dir).resolve() / "covariance"
+        if not resume and cov_dir.is_dir():
+            for old in cov_dir.glob("*.fits"):
+                old.unlink()
+        request = ErrorRequest(method, str(cov_dir))
+    table = run_catalog(catalog, model, out_dir, options=opts, batch_size=batch_size,
+                        shard_size=shard_size or chunk_size, blocks=blocks, progress=progress,
+                        resume=resume, dask=dask, errors=request)
+    _write_run_info(out_dir, catalog, model, method)
+    return table
+
+
+def _write_run_info(out_dir, catalog, model, errors: str) -> None:
+    """``out_dir/run.json``: what ``galbayes sample`` needs to rebuild the model and data."""
+    import json
+
+    info = {"catalog": str(Path(catalog).resolve()), "recipe": getattr(model, "source", None),
+            "likelihood": model.likelihood, "size_unit": model.size_unit, "errors": errors}
+    (Path(out_dir) / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _write_blocks(model, fitted, results, obs_by_id, out_dir):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,20 +48,65 @@ def make_table(model, rows: list, *, errors: bool = False):
     return table
 
 
-def _atomic_write(path: Path, write):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write) -> None:
+    """``write(tmp_path)``, fsync, rename over ``path``, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+_TRANSLIT = {"σ": "sigma", "≤": "<=", "≥": ">=", "χ": "chi", "²": "2", "×": "x", "±": "+/-",
+             "–": "-", "—": "-", "…": "...", "°": "deg", "→": "->", "≠": "!=", "⊛": "*"}
+
+
+def fits_text(s: str) -> bytes:
+    """ASCII for FITS character columns (FITS allows ASCII only): common symbols spelled out,
+    anything else as a ``\\uXXXX`` escape. ``results.csv`` keeps the original UTF-8 text."""
+    if s.isascii():
+        return s.encode()
+    for a, b in _TRANSLIT.items():
+        s = s.replace(a, b)
+    return s.encode("ascii", "backslashreplace")
+
+
+def _fits_safe(table):
+    """A copy of ``table`` whose text columns are ASCII (see :func:`fits_text`)."""
+    out = table.copy(copy_data=True)
+    for name in out.colnames:
+        if out[name].dtype.kind == "U":
+            out[name] = np.array([fits_text(str(v)) for v in out[name]])
+    return out
 
 
 def write_table(table, out_dir) -> None:
     """Write ``results.fits`` and ``results.csv`` into ``out_dir`` (atomically)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "results.fits", lambda p: table.write(p, format="fits", overwrite=True))
-    _atomic_write(out_dir / "results.csv", lambda p: table.write(p, format="ascii.csv", overwrite=True))
+    safe = _fits_safe(table)
+    atomic_write(out_dir / "results.fits", lambda p: safe.write(p, format="fits", overwrite=True))
+    atomic_write(out_dir / "results.csv", lambda p: table.write(p, format="ascii.csv", overwrite=True))
 
 
 def write_block(path, *, data, model_image, sigma, weight, components: dict, header_values: dict) -> None:
@@ -79,7 +125,7 @@ def write_block(path, *, data, model_image, sigma, weight, components: dict, hea
         elif isinstance(v, (float, np.floating)):
             v = float(v) if np.isfinite(v) else "nan"
         else:
-            v = str(v)[:68]
+            v = fits_text(str(v)).decode()[:68]
         if len(key) > 8:
             hdr[f"HIERARCH {key}"] = v
         else:
@@ -96,4 +142,4 @@ def write_block(path, *, data, model_image, sigma, weight, components: dict, hea
         add(name.upper(), img)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: fits.HDUList(hdus).writeto(p, overwrite=True))
+    atomic_write(path, lambda p: fits.HDUList(hdus).writeto(p, overwrite=True))

@@ -68,7 +68,7 @@ import numpy as np
 from .catalog import CatalogError, read_catalog
 from .devices import use_devices
 from .inference.map import MapOptions
-from .results import make_table
+from .results import _fsync_dir, atomic_write, fits_text, make_table
 
 __all__ = ["run_catalog", "ResumeError", "run_fingerprint", "describe_model", "shard_path",
            "read_manifest", "MANIFEST_NAME", "SHARD_DIR"]
@@ -255,38 +255,9 @@ def shard_path(out_dir, k: int) -> Path:
     return Path(out_dir) / SHARD_DIR / f"shard_{k:05d}.fits"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)``, fsync, rename over ``path``, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
 def _write_json(path: Path, obj) -> None:
     text = json.dumps(obj, indent=1, sort_keys=True)
-    _atomic_write(path, lambda p: p.write_text(text))
+    atomic_write(path, lambda p: p.write_text(text))
 
 
 def read_manifest(out_dir) -> dict | None:
@@ -299,20 +270,6 @@ def read_manifest(out_dir) -> dict | None:
     except (OSError, ValueError) as exc:
         raise ResumeError(f"{path}: cannot read the run manifest ({exc}); delete it (and "
                           f"{Path(out_dir) / SHARD_DIR}) or run without resume to start afresh") from None
-
-
-_TRANSLIT = {"σ": "sigma", "≤": "<=", "≥": ">=", "χ": "chi", "²": "2", "×": "x", "±": "+/-",
-             "–": "-", "—": "-", "…": "...", "°": "deg", "→": "->", "≠": "!=", "⊛": "*"}
-
-
-def _fits_text(s: str) -> bytes:
-    """ASCII for FITS character columns (FITS allows ASCII only): common symbols spelled out,
-    anything else as a ``\\uXXXX`` escape. ``results.csv`` keeps the original UTF-8 text."""
-    if s.isascii():
-        return s.encode()
-    for a, b in _TRANSLIT.items():
-        s = s.replace(a, b)
-    return s.encode("ascii", "backslashreplace")
 
 
 def _write_shard(table, path: Path, meta: dict) -> str:
@@ -330,7 +287,7 @@ def _write_shard(table, path: Path, meta: dict) -> str:
         t.write(tmp, format="fits", overwrite=True)
         digest["sha"] = _file_sha256(tmp)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return digest["sha"]
 
 
@@ -390,7 +347,7 @@ def _assemble(out_dir: Path, model, run_id: str, shard_rows: list, errors, retur
     for cols in shards():
         for c in _STR_COLUMNS:
             if len(cols[c]):
-                width[c] = max(width[c], max(len(_fits_text(s)) for s in cols[c]))
+                width[c] = max(width[c], max(len(fits_text(s)) for s in cols[c]))
     # the FITS header of the whole table, from an empty table with the final column types
     head = Table()
     rec = []
@@ -432,7 +389,7 @@ def _assemble(out_dir: Path, model, run_id: str, shard_rows: list, errors, retur
                 r = np.zeros(n, rec)
                 for c in names:
                     if c in _STR_COLUMNS:
-                        r[c] = [_fits_text(s) for s in cols[c]]
+                        r[c] = [fits_text(s) for s in cols[c]]
                     elif template[c].dtype.kind == "b":
                         r[c] = np.where(cols[c].astype(bool), ord("T"), ord("F"))
                     else:
