@@ -3,6 +3,8 @@
 * :func:`fit_figure` — one fit (paper Fig. 2; Fig. B.6 with components): model, component
   images, data, normalised residuals, residual histogram, and the elliptical-annulus surface
   brightness profile of data, model and components with the residual profile below.
+* :func:`fit_output_figure` — :func:`fit_figure` of one galaxy of a
+  :func:`galbayes.pipeline.fit` result (renders the model and components).
 * :func:`save_fit_figures` — :func:`fit_figure` for every galaxy of a catalog run
   (``results.fits`` + ``blocks/<id>.fits``), written to ``figures/<id>.png``.
 * :func:`comparison_figure` — fitted vs reference values with R² (Fig. 3).
@@ -14,7 +16,7 @@
 Every function builds a :class:`matplotlib.figure.Figure` directly (no ``pyplot`` state, so
 it works with any backend, including Agg on a headless machine, and figures made in loops
 are freed when dropped) and returns it. In a notebook, a returned figure is displayed when it
-is the cell's last expression. Images are shown with ``origin="lower"``: row 0 (y = 0) at
+is the cell's last expression once the inline backend is active (``%matplotlib inline``). Images are shown with ``origin="lower"``: row 0 (y = 0) at
 the bottom, x to the right, the convention of :mod:`galbayes.geometry`.
 """
 from __future__ import annotations
@@ -507,7 +509,7 @@ def comparison_figure(fitted: dict, reference: dict, *, params=None, labels=None
         Parameters that are position angles (default: names ``pa`` or ``*_pa``); the fitted
         value is moved by multiples of 180° to the one nearest the reference.
     log : list, optional
-        Parameters shown on log axes (default: ``re``, ``rs``, ``n``-like sizes: none).
+        Parameters shown on log-log axes (default none).
     """
     params = list(params or [k for k in reference if k in fitted])
     if not params:
@@ -696,7 +698,8 @@ def scene_images(model, obs_or_shape, values=None, psf=None, *, zp=22.5, pixel_s
             out[c.name] = model.render_profile(prof, p, grid, shape)
         return out
 
-    conv, comps, unconv = jax.jit(lambda v, g: (model.render(v, g), model.render_components(v, g), raw(v, g)))(vec, gal)
+    render = jax.jit(lambda v, g: (model.render(v, g), model.render_components(v, g), raw(v, g)))
+    conv, comps, unconv = render(vec, gal)
     unconv = {k: np.asarray(x, np.float64) for k, x in unconv.items()}
     pv = model.component_values(vec, gal)
     total = sum(unconv.values()) if unconv else np.zeros(shape)
@@ -839,7 +842,9 @@ def corner_with_laplace(samples, mean, cov, params, *, labels=None, truths=None,
                 h, xe, ye = np.histogram2d(xi[ok], yi[ok], bins=nb2, range=[ranges[j], ranges[i]])
                 h = gaussian_filter(h, 1.0)
                 xc_, yc_ = 0.5 * (xe[1:] + xe[:-1]), 0.5 * (ye[1:] + ye[:-1])
-                levels = _levels_enclosing(h, xc_, yc_, xi[ok], yi[ok], (0.864665, 0.393469)) if ok.sum() > 10 else []
+                levels = []
+                if ok.sum() > 10:     # HDR masses of the 2-D 1σ and 2σ levels
+                    levels = _levels_enclosing(h, xc_, yc_, xi[ok], yi[ok], (0.864665, 0.393469))
                 levels = sorted({lv for lv in levels if np.isfinite(lv) and 0 < lv < h.max()})
                 if levels:
                     ax.contour(xc_, yc_, h.T, levels=levels, colors="k", linewidths=0.8)

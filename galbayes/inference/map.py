@@ -218,6 +218,11 @@ def _fit_one(model: Model, opts: MapOptions, gal: GalaxyArrays, key):
         n_lm, done = jnp.int32(0), n_svi < opts.max_iter
     sites = constrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, z)
     values = model.values_from_sites(sites, gal)
+    # float32 rounding of the bijection can land on, or one ulp beyond, a bound; keep the
+    # MAP strictly inside so that refits (bootstrap), Laplace and NUTS can start from it.
+    free = jnp.asarray(model.free)
+    margin = 1e-6 * (gal.hi - gal.lo)
+    values = values.at[free].set(jnp.clip(values[free], gal.lo + margin, gal.hi - margin))
     c2 = model.chi2(values, gal)
     return values, c2, model.loglike_from_chi2(c2, gal), n_svi, n_lm, done
 
