@@ -100,12 +100,17 @@ def main(argv=None):
     if args.also_batch and args.also_batch != B:
         c_s = compile_for(args.also_batch)
         out_b, s_b = timed_fit(args.also_batch)
-        v_b = np.array([[float(r[k]) for k in model.keys] for r in out_b.table])
-        v_B = np.array([[float(r[k]) for k in model.keys] for r in out.table])
+        rel = {k: np.array([abs(float(x[k]) / float(y[k]) - 1.0) for x, y in zip(out_b.table, out.table)])
+               for k in ("sersic_re", "sersic_n")}
+        dmag = np.array([abs(float(x["sersic_mag"]) - float(y["sersic_mag"])) for x, y in zip(out_b.table, out.table)])
         extra = {"batch": args.also_batch, "compile_s": c_s, "gal_per_s": args.count / s_b,
-                 "max_rel_diff_vs_batch": float(np.max(np.abs(v_b - v_B) / np.maximum(np.abs(v_B), 1e-6)))}
+                 "max_rel_diff_re": float(rel["sersic_re"].max()), "max_rel_diff_n": float(rel["sersic_n"].max()),
+                 "max_abs_diff_mag": float(dmag.max()),
+                 "n_gal_re_or_n_diff_above_1e-4": int(np.sum((rel["sersic_re"] > 1e-4) | (rel["sersic_n"] > 1e-4)))}
         print(f"galbayes batch {args.also_batch}: compile {c_s:.1f} s, fit {s_b:.1f} s ({extra['gal_per_s']:.2f} gal/s); "
-              f"largest relative parameter difference from batch {B}: {extra['max_rel_diff_vs_batch']:.1e}", flush=True)
+              f"vs batch {B}: max |d re/re| {extra['max_rel_diff_re']:.1e}, max |d n/n| {extra['max_rel_diff_n']:.1e}, "
+              f"max |d mag| {extra['max_abs_diff_mag']:.1e}; {extra['n_gal_re_or_n_diff_above_1e-4']} galaxies "
+              "differ by > 1e-4 in re or n", flush=True)
 
     # ---- Imfit, serial
     im_rows, im_times = [], []

@@ -1,4 +1,4 @@
-"""Command line: ``galbayes fit``, ``galbayes demo``, ``galbayes recipes``.
+"""Command line: ``galbayes fit``, ``galbayes sample``, ``galbayes demo``, ``galbayes recipes``.
 
 Argument parsing only; the work is done by :mod:`galbayes.pipeline` and friends.
 """
@@ -58,7 +58,8 @@ def cmd_fit(args):
     model = load_recipe(args.model, likelihood=args.likelihood)
     table = fit_catalog(args.catalog, model, args.out, options=_options(args), batch_size=args.batch_size,
                         blocks=not args.no_blocks, progress=not args.quiet,
-                        resume=args.resume, shard_size=args.shard_size, dask=args.dask)
+                        resume=args.resume, shard_size=args.shard_size, dask=args.dask,
+                        errors=args.errors)
     n_ok = int(sum(1 for s in table["status"] if s == "ok"))
     print(f"fitted {n_ok}/{len(table)} galaxies; results in {Path(args.out) / 'results.fits'}")
     if not args.quiet:
@@ -93,6 +94,26 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_sample(args):
+    from .inference.nuts import sample_results
+
+    if not args.ids and not args.worst:
+        print("galbayes: error: give --ids ID [ID ...] or --worst N", file=sys.stderr)
+        return 2
+    summary, skipped = sample_results(args.results_dir, ids=args.ids, worst=args.worst, chains=args.chains,
+                                      draws=args.draws, warmup=args.warmup, seed=args.seed or 0,
+                                      likelihood=args.likelihood, batch_size=args.batch_size)
+    for gid, why in skipped.items():
+        print(f"skipped {gid}: {why}", file=sys.stderr)
+    out = Path(args.results_dir)
+    print(f"sampled {len(set(summary['id']))} galaxies; posteriors in {out / 'posteriors'}/, "
+          f"diagnostics in {out / 'posterior_summary.csv'}")
+    for row in summary:
+        print(f"{row['id']}  {row['param']:<16} mean {row['mean']:<10.5g} sd {row['sd']:<10.3g} "
+              f"r_hat {row['r_hat']:.4f}  ess_bulk {row['ess_bulk']:.0f}  divergences {row['divergences']}")
+    return 0 if summary is not None and len(summary) else 1
+
+
 def cmd_recipes(args):
     from .recipe import builtin_recipes, load_recipe
 
@@ -119,8 +140,26 @@ def build_parser():
                    help="catalog rows per durable shard file (default 8 x batch size)")
     p.add_argument("--dask", default=None, metavar="ADDRESS|local:N",
                    help="fit shards on a Dask cluster: scheduler address, or local:N worker processes")
+    p.add_argument("--errors", choices=["none", "laplace", "jacobian", "bootstrap"], default="none",
+                   help="error bars: numpyro Laplace, the paper's (J^T W J)^-1, or a 100-replica pixel "
+                        "bootstrap; adds <param>_err columns and covariance/<id>.fits (default none)")
     _map_args(p)
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("sample", help="NUTS posteriors of chosen galaxies of a 'galbayes fit' output folder")
+    p.add_argument("results_dir", help="output folder of 'galbayes fit' (results.fits, run.json)")
+    p.add_argument("--ids", nargs="+", default=None, metavar="ID", help="galaxies to sample")
+    p.add_argument("--worst", type=int, default=None, metavar="N",
+                   help="or: the N fitted galaxies with the highest reduced chi2")
+    p.add_argument("--chains", type=int, default=4, help="chains per galaxy (default 4)")
+    p.add_argument("--draws", type=int, default=1000, help="kept draws per chain (default 1000)")
+    p.add_argument("--warmup", type=int, default=500, help="warmup iterations per chain (default 500)")
+    p.add_argument("--likelihood", choices=["gaussian", "chi2"], default="gaussian",
+                   help="pixel likelihood of the posterior (default gaussian; see galbayes.inference.nuts)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="galaxies whose chains run together (default 1 on CPU, 16 on GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo", help="fit the three bundled SDSS galaxies and print their parameters")
     p.add_argument("--out", default="galbayes-demo", help="output folder (default ./galbayes-demo)")

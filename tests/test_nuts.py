@@ -17,7 +17,7 @@ from galbayes.inference import run_nuts, save_posteriors, summary_rows
 pytest.importorskip("galsim")
 import test_laplace as cal_mod  # noqa: E402  (the shared calibration set)
 
-K_REAL, CHAINS, WARMUP, DRAWS = 8, 4, 150, 350
+K_REAL, CHAINS, WARMUP, DRAWS = 4, 4, 200, 400
 
 
 @functools.lru_cache(maxsize=None)

@@ -74,12 +74,12 @@ from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 from ..model import GalaxyArrays, Model
 
 __all__ = ["LaplaceResult", "laplace_errors", "loglike_curvature", "invert_curvature",
-           "values_into_bounds", "EIG_TOL"]
+           "values_into_bounds", "EIG_TOL", "BOUND_MARGIN"]
 
 #: Smallest eigenvalue of the unit-diagonal curvature matrix treated as non-singular (the
 #: matrices are accumulated in float32, relative precision ~1e-6).
 EIG_TOL = 1e-5
-#: An error larger than this fraction of the prior range is flagged as prior-dominated.
+#: An error larger than this fraction of the prior range is flagged "unconstrained by the data".
 PRIOR_FRACTION = 0.25
 _NONE = {"likelihood": "none"}
 _GAUSS = {"likelihood": "gaussian"}
@@ -101,22 +101,40 @@ class LaplaceResult(NamedTuple):
 
 
 # --------------------------------------------------------------------------- helpers
-def values_into_bounds(model: Model, batch: GalaxyArrays, values) -> np.ndarray:
-    """Shift angle entries by multiples of 180° into each galaxy's prior bounds.
+#: Free values are kept this fraction of the prior range (log10 range for log parameters)
+#: inside their bounds, so that numpyro's unconstrained coordinate is finite.
+BOUND_MARGIN = 1e-5
 
-    :func:`~galbayes.inference.map.fit_map` reports angles wrapped into [-90°, 90°), but a
-    galaxy's pa bounds are ``init ± 90°``; numpyro's unconstrain map needs the value inside
-    them. An ellipse is symmetric under 180°, so the shift changes nothing else.
+
+def values_into_bounds(model: Model, batch: GalaxyArrays, values) -> np.ndarray:
+    """Free values moved where numpyro's unconstrain map is finite.
+
+    * Angles are shifted by multiples of 180° into each galaxy's bounds:
+      :func:`~galbayes.inference.map.fit_map` reports them wrapped into [-90°, 90°), but a
+      galaxy's pa bounds are ``init ± 90°``. An ellipse is symmetric under 180°.
+    * A value on (or, by float32 rounding, just beyond) a bound is moved
+      :data:`BOUND_MARGIN` of the prior range inside it; such galaxies are flagged "at prior
+      bound" by :func:`laplace_errors`.
     """
     values = np.array(values, dtype=np.float64, copy=True)
     lo, hi = np.asarray(batch.lo, np.float64), np.asarray(batch.hi, np.float64)
     for j, i in enumerate(model.free):
-        if not model.entries[i].spec.angle:
-            continue
+        e = model.entries[i]
         v = values[..., i]
-        k = np.ceil((lo[..., j] - v) / 180.0)          # smallest shift putting v above lo
-        v2 = v + 180.0 * k
-        values[..., i] = np.where(np.isfinite(v2) & (v2 <= hi[..., j]), v2, v)
+        if e.spec.angle:
+            k = np.ceil((lo[..., j] - v) / 180.0)          # smallest shift putting v above lo
+            v2 = v + 180.0 * k
+            v = np.where(np.isfinite(v2) & (v2 <= hi[..., j]), v2, v)
+        if e.param.prior is None:
+            if e.log:
+                a, b = np.log10(lo[..., j]), np.log10(hi[..., j])
+                m = BOUND_MARGIN * (b - a)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    v = np.where(np.isfinite(v), 10.0 ** np.clip(np.log10(v), a + m, b - m), v)
+            else:
+                m = BOUND_MARGIN * (hi[..., j] - lo[..., j])
+                v = np.clip(v, lo[..., j] + m, hi[..., j] - m)
+        values[..., i] = v
     return values
 
 
@@ -217,7 +235,7 @@ def invert_curvature(mat, jac=None, *, keys, free_values=None, lo=None, hi=None,
         Names of the free parameters (for the flag text).
     free_values, lo, hi, log : optional
         Values and prior bounds of the free parameters, and which are log-sampled: enable
-        the prior-dominated and at-bound flags.
+        the "unconstrained by the data" and "at prior bound" flags.
 
     Returns
     -------
@@ -231,8 +249,9 @@ def invert_curvature(mat, jac=None, *, keys, free_values=None, lo=None, hi=None,
         return np.full(s, np.nan), np.full((s, s), np.nan), "covariance not finite"
     mat = 0.5 * (mat + mat.T)
     diag = np.diag(mat).copy()
-    # A diagonal element that vanishes relative to the matrix's scale: the coordinate has
-    # no effect (its float32 derivative is rounding noise).
+    # Normalise to unit diagonal (the units of the parameters differ by orders of magnitude)
+    # and invert by eigen-decomposition; a zero diagonal is a coordinate with no effect at
+    # all, a tiny eigenvalue a degenerate combination.
     scale = np.sqrt(np.abs(diag))
     zero = diag <= 0.0
     good = ~zero

@@ -12,9 +12,13 @@ as if it were sampled alone: the batch changes the cost, not the Markov chains.
 
 The cost: under ``vmap`` NUTS's tree-building ``while_loop`` runs until the *longest*
 trajectory of the batch is finished, so one iteration costs the largest tree of the batch
-(masked lanes idle). With similar galaxies (the dense mass matrix makes trees short and
-uniform, typically depth 2–3) this is cheap compared with the gain of evaluating many
-galaxies' gradients in one vectorised pass (``benchmarks/bench_errors.py`` measures it).
+(masked lanes idle); a pathological galaxy (e.g. q at its bound) slows its whole batch,
+which ``max_tree_depth`` caps. Batching pays when evaluating many galaxies' gradients in
+one vectorised pass is much cheaper than one by one — on a GPU (not measured here). On the
+2-core CPU of ``benchmarks/bench_errors.py`` a CPU gains nothing from wider vectors: 8
+galaxies × 4 chains together gave 0.6× the ESS/s of one galaxy (its 4 chains vectorised)
+at a time, the difference being the idle lanes; :func:`sample_results` therefore runs one
+galaxy at a time on CPU by default (``batch_size``).
 
 The alternative — one NUTS over the stacked (galaxy × parameter) vector, whose target is
 block-diagonal — shares one step size and one trajectory among all galaxies: the joint
@@ -61,7 +65,8 @@ from ..likelihood import check_likelihood
 from ..model import GalaxyArrays, Model
 from .laplace import invert_curvature, values_into_bounds
 
-__all__ = ["NutsResult", "run_nuts", "to_inference_data", "save_posteriors", "summary_rows"]
+__all__ = ["NutsResult", "run_nuts", "to_inference_data", "save_posteriors", "summary_rows",
+           "sample_results"]
 
 
 class NutsResult(NamedTuple):
@@ -346,6 +351,7 @@ def to_inference_data(model: Model, result: NutsResult, j: int, *, galaxy_id=Non
         for k, v in zip(result.keys, map_values):
             attrs[f"map_{k}"] = float(v)
     idata = az.from_dict(posterior=posterior, sample_stats=stats, attrs=attrs)
+    idata.posterior.attrs.update(attrs)     # also on the group (what most readers look at)
     return idata
 
 
@@ -372,3 +378,107 @@ def save_posteriors(model: Model, result: NutsResult, ids, out_dir, *, map_value
         idata.to_netcdf(str(path))
         paths.append(path)
     return paths
+
+
+# --------------------------------------------------------------------------- results folders
+def sample_results(results_dir, *, ids=None, worst: int | None = None, chains: int = 4,
+                   draws: int = 1000, warmup: int = 500, seed: int = 0,
+                   likelihood: str = "gaussian", batch_size: int | None = None):
+    """NUTS for chosen galaxies of a ``galbayes fit`` output folder (``galbayes sample``).
+
+    Reads ``results_dir/run.json`` (catalog and recipe, written by
+    :func:`galbayes.pipeline.fit_catalog`) and ``results.fits`` (the MAP of each galaxy, the
+    starting point), re-reads the chosen galaxies' images, runs :func:`run_nuts` and writes
+    ``results_dir/posteriors/<id>.nc`` (ArviZ netCDF, parameters in user units) and
+    ``results_dir/posterior_summary.csv`` (one row per galaxy and free parameter: mean, sd,
+    r_hat, ess_bulk, divergences; rows of galaxies sampled earlier are kept).
+
+    Parameters
+    ----------
+    ids : list of str, optional
+        Galaxies to sample.
+    worst : int, optional
+        Or: the ``worst`` galaxies with status ``ok…`` and the highest reduced χ².
+    batch_size : int, optional
+        Galaxies whose chains run together. Default: 1 on CPU (where the vectorised batch
+        waits for its deepest tree and a CPU gains nothing from wider vectors:
+        ``benchmarks/bench_errors.py`` measured 0.6× the throughput of one galaxy at a time
+        with 8 galaxies), 16 on GPU/TPU.
+
+    Returns
+    -------
+    (astropy.table.Table of the summary rows written now, dict id → problem for skipped ids)
+    """
+    import json
+
+    from astropy.table import Table, vstack
+
+    from ..catalog import read_catalog
+    from ..errors import InputError, ModelError
+    from ..recipe import load_recipe
+
+    if batch_size is None:
+        batch_size = 1 if jax.default_backend() == "cpu" else 16
+    results_dir = Path(results_dir)
+    run_path = results_dir / "run.json"
+    if not run_path.is_file():
+        raise InputError(f"{run_path} not found: sample needs a folder written by 'galbayes fit'",
+                         what="RESULTS_DIR")
+    run = json.loads(run_path.read_text())
+    if not run.get("recipe"):
+        raise ModelError(f"{run_path}: the fit was made with a model built in Python (no recipe file)")
+    model = load_recipe(run["recipe"], likelihood=run.get("likelihood"))
+    table = Table.read(results_dir / "results.fits")
+    status = [str(s) for s in table["status"]]
+    by_id = {str(r["id"]): r for r in table}
+    skipped = {}
+    if worst is not None:
+        good = [i for i, s in enumerate(status) if s.startswith("ok")]
+        good.sort(key=lambda i: -float(table["chi2_red"][i]))
+        ids = [str(table["id"][i]) for i in good[:worst]]
+    ids = [str(i) for i in (ids or [])]
+    for gid in ids:
+        if gid not in by_id:
+            skipped[gid] = "not in results.fits"
+        elif not str(by_id[gid]["status"]).startswith("ok"):
+            skipped[gid] = f"its MAP fit failed ({by_id[gid]['status']})"
+    wanted = [g for g in ids if g not in skipped]
+    rows = {r.id: r for r in read_catalog(run["catalog"], model=model) if r.id in set(wanted)}
+    packed = []
+    for gid in wanted:
+        if gid not in rows:
+            skipped[gid] = "not in the catalog"
+            continue
+        try:
+            obs = rows[gid].load()
+            init = {k: float(by_id[gid][k]) for k in model.keys}
+            packed.append((gid, model.pack(obs, init)))
+        except (InputError, ModelError) as exc:
+            skipped[gid] = str(exc)
+    summary = []
+    groups: dict = {}
+    for gid, gal in packed:
+        groups.setdefault((gal.image.shape, gal.psf.shape), []).append((gid, gal))
+    for items in groups.values():
+        gids = [g for g, _ in items]
+        batch = Model.stack([g for _, g in items])
+        res = run_nuts(model, batch, np.asarray(batch.values0, np.float64), chains=chains, draws=draws,
+                       warmup=warmup, seed=seed, likelihood=likelihood, batch_size=batch_size)
+        save_posteriors(model, res, gids, results_dir / "posteriors",
+                        map_values=np.asarray(batch.values0, np.float64))
+        summary.extend(summary_rows(res, gids))
+    new = Table(rows=summary, names=["id", "param", "mean", "sd", "r_hat", "ess_bulk", "divergences"]) \
+        if summary else Table(names=["id", "param", "mean", "sd", "r_hat", "ess_bulk", "divergences"],
+                              dtype=[str, str, float, float, float, float, int])
+    path = results_dir / "posterior_summary.csv"
+    out = new
+    if path.is_file() and len(new):
+        old = Table.read(path, format="ascii.csv")
+        keep = [str(i) not in set(new["id"]) for i in old["id"]]
+        if any(keep):
+            old = old[keep]
+            old["id"] = old["id"].astype(str)
+            out = vstack([old, new])
+    if len(new):
+        out.write(path, format="ascii.csv", overwrite=True)
+    return new, skipped
