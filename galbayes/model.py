@@ -278,6 +278,11 @@ class Model:
             if not (b[0] <= v <= b[1]):
                 raise InputError(f"initial value {v:g} is outside its bounds [{b[0]:g}, {b[1]:g}]",
                                  galaxy=obs.id, what=e.key)
+            # A start exactly on a bound maps to an infinite unconstrained coordinate and
+            # would never move: start a little (0.1% of the range) inside instead.
+            if not e.spec.angle:
+                margin = 1e-3 * (b[1] - b[0])
+                values[-1] = float(min(max(v, b[0] + margin), b[1] - margin))
             lo.append(b[0])
             hi.append(b[1])
         return np.asarray(values, np.float32), np.asarray(lo, np.float32), np.asarray(hi, np.float32)

@@ -87,7 +87,7 @@ def _error_method(errors) -> str:
     return method
 
 
-def _with_errors(model, batch, res, errors):
+def _with_errors(model, batch, res, errors, options=None):
     """Attach error bars of a fitted batch to its MapResult (``err``, ``cov``, ``err_flags``):
     ``"laplace"`` = numpyro Laplace (Hessian), ``"jacobian"`` = the paper's (JᵀWJ)⁻¹,
     ``"bootstrap"`` = pixel bootstrap (galbayes.inference)."""
@@ -97,7 +97,7 @@ def _with_errors(model, batch, res, errors):
     from .inference import bootstrap_errors, laplace_errors
 
     if method == "bootstrap":
-        est = bootstrap_errors(model, batch, res.values)
+        est = bootstrap_errors(model, batch, res.values, options=options)
     else:
         est = laplace_errors(model, batch, res.values, method="hessian" if method == "laplace" else "jacobian")
     out = _MapWithErrors(*res)
@@ -135,7 +135,7 @@ def _fit_packed(model, packed: list, options: MapOptions, batch_size: int, error
             chunk = items[start:start + batch_size]
             size = _padded_size(len(chunk), batch_size)
             batch = Model.stack(_pad([g for _, g in chunk], size))
-            res = _with_errors(model, batch, fit_map(model, batch, options=options), errors)
+            res = _with_errors(model, batch, fit_map(model, batch, options=options), errors, options)
             for j, (gid, gal) in enumerate(chunk):
                 if getattr(errors, "covariance_dir", None) and hasattr(res, "cov"):
                     _write_covariance(model, gid, res, j, errors.covariance_dir)
@@ -187,6 +187,9 @@ def fit(model: Model, observations, *, init=None, options: MapOptions | None = N
     order = []
     for i, (obs, ini) in enumerate(zip(observations, inits)):
         gid = obs.id if obs.id is not None else str(i)
+        if gid in rows or gid in order:
+            raise ValueError(f"duplicate galaxy id {gid!r} (observations {order.index(gid)} and {i}); "
+                             "ids must be unique")
         order.append(gid)
         try:
             gal = model.pack(obs, ini)
