@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Observation
-from .errors import InputError
+
 
 __all__ = ["CatalogError", "CatalogRow", "read_catalog", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS"]
 

@@ -17,7 +17,8 @@ __all__ = ["main"]
 def _map_args(p):
     from .inference.map import OPTIMIZERS
 
-    p.add_argument("--batch-size", type=int, default=64, help="galaxies per jitted batch (default 64)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="galaxies per jitted batch (default 8 on CPU, 256 on GPU)")
     p.add_argument("--max-iter", type=int, default=None, help="cap on SVI steps per galaxy (default 25; 0 = LM only)")
     p.add_argument("--lm-iter", type=int, default=None, help="cap on Levenberg-Marquardt polish steps (default 50)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="optax optimizer for SVI (default adam)")

@@ -39,7 +39,7 @@ def builtin_recipes() -> list:
 def recipe_path(name_or_path) -> Path:
     """A recipe file: an existing path, or the name of a shipped recipe (``"sersic"``)."""
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():
         return p
     cand = _BUILTIN / (p.name if p.suffix == ".toml" else p.name + ".toml")
     if cand.exists():

@@ -36,9 +36,10 @@ model and correct σ, this is 2/k on average (exactly 2/k when χ²_min = k), of
 from one noise realisation to the next (|ratio| ~ √(2/k)), i.e. the χ²-distribution
 curvature is of order 1/k of the Gaussian one and half the time not even a maximum. At the
 χ²-distribution likelihood's own maxima (the shell χ² = k − 2) the first term vanishes and
-the Hessian is rank one: zero curvature along the shell. Either way its Laplace errors
-would be ~√(k/2) or infinitely larger than the real ones (k ~ 10⁴ pixels: ≳ 70×), so they
-are meaningless; :func:`loglike_curvature` measures this and ``tests/test_laplace.py``
+the Hessian is rank one: zero curvature along the shell. Its Laplace errors would thus be
+√(k/2) times the real ones when χ²_min = k (k ~ 10⁴ pixels: 70×), ~(k/2)^¼ times
+(~8×) for a typical |χ²_min − k| ~ √(2k), undefined half the time, and infinite along the
+shell: meaningless; :func:`loglike_curvature` measures this and ``tests/test_laplace.py``
 checks it. The Gaussian pixel likelihood is the one whose curvature is the Fisher
 information of the data.
 

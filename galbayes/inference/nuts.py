@@ -30,21 +30,23 @@ the shared step size). Per-galaxy kernels avoid all that.
 Chains start at the MAP (numpyro's ``init_to_value`` semantics). NUTS runs in *whitened*
 unconstrained coordinates ``u``: ``z = z_MAP + L u`` with ``L Lᵀ`` the inverse Gauss–Newton
 curvature of the potential in numpyro's unconstrained space (a Laplace covariance; a
-constant linear map, so the target is unchanged up to a constant). Without it the posterior widths in ``z`` are
-~1e-3 (a centre known to 0.02 px within bounds 48 px wide) and numpyro's mass-matrix
-regularisation (shrinkage towards 1e-3·I) swamps the adapted covariance, giving step sizes
-far too small and trees of depth 5–7; whitened, the posterior is ~N(0, I) and the trees are
-depth 2–3. The dense mass matrix is still adapted on top.
+constant linear map, so the target is unchanged up to a constant). Without it the
+posterior widths in ``z`` are ~1e-3 (a centre known to 0.02 px within bounds 48 px wide)
+and numpyro's mass-matrix regularisation (shrinkage towards 1e-3·I) swamps the adapted
+covariance, giving step sizes far too small and ~45 leapfrog steps per draw; whitened, the
+posterior is ~N(0, I) and draws take ~7 steps (measured). The dense mass matrix is still
+adapted on top.
 
 Likelihood
 ----------
 ``likelihood="gaussian"`` (default) samples the posterior with independent Gaussian pixels,
 whose width is the statistical uncertainty of the parameters given σ. The paper's
 χ²-distribution likelihood (``"chi2"``) is selectable, but its density depends on the
-parameters only through χ² and peaks on the shell χ² = k − 2 with a curvature ~1/k of
-the Gaussian one (see :mod:`galbayes.inference.laplace`): its "posterior" is a broad
-shell whose width reflects where χ² equals its expected value, not the parameter
-uncertainty, so it gives error bars ~√k too large (and is not a calibrated posterior).
+parameters only through χ² and peaks on the shell χ² = k − 2, with a curvature of order 1/k
+of the Gaussian one at the χ² minimum (see :mod:`galbayes.inference.laplace`): its
+"posterior" spreads over the region where χ² is near its expected value, Δχ² ~ √(2k) above
+the minimum, instead of Δχ² ~ 1, so its widths are ~(2k)^¼ times the statistical errors
+(~13× for a 128×128 stamp) and not calibrated.
 
 Outputs are in user units (px or arcsec, degrees, magnitudes): the sampled latent sites
 (``<key>_log10`` for log parameters) are mapped back like numpyro's deterministic sites.
