@@ -7,13 +7,8 @@ batch has the same compiled shape (8) as the default fits of test_map.py.
 """
 from __future__ import annotations
 
-import atexit
 import csv
-import os
-import shutil
-import tempfile
 
-import jax
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -28,16 +23,6 @@ pytest.importorskip("galsim")
 from galbayes.mocks import sersic_mocks  # noqa: E402
 
 
-def _share_compiled_programs():
-    """Persistent XLA cache for this pytest process (see test_map.py)."""
-    if os.environ.get("GALBAYES_TEST_JAX_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
-        return
-    path = tempfile.mkdtemp(prefix="galbayes-test-xla-")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-
-
-_share_compiled_programs()
 
 INIT_KEYS = ("sersic_xc", "sersic_yc", "sersic_pa", "sersic_q", "sersic_re", "sersic_n", "sersic_mag")
 COLUMNS = ["id", "image", "sigma", "psf", "mask", "mask_keep", "zp"] + list(INIT_KEYS)

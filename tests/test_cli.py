@@ -2,12 +2,7 @@
 catalog, and exit code 2 with a message on stderr for bad input."""
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
 
-import jax
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -22,16 +17,6 @@ from galbayes.recipe import load_recipe
 BUDGET = ["--max-iter", "5", "--lm-iter", "10"]
 
 
-def _share_compiled_programs():
-    """Persistent XLA cache for this pytest process (see test_map.py)."""
-    if os.environ.get("GALBAYES_TEST_JAX_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
-        return
-    path = tempfile.mkdtemp(prefix="galbayes-test-xla-")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-
-
-_share_compiled_programs()
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,7 @@ programs within one pytest run.
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -37,18 +33,6 @@ CHI2_TOL = 0.1            # "on the χ² minimum": within this of an independent
 BUDGET = dict(max_iter=5, lm_iter=10)
 
 
-def _share_compiled_programs():
-    """Persistent XLA cache for this pytest process, so identical programs built from other
-    Model objects (test_catalog, test_cli, this module) are compiled once. Opt out with
-    GALBAYES_TEST_JAX_CACHE=0; an already configured cache directory is left alone."""
-    if os.environ.get("GALBAYES_TEST_JAX_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
-        return
-    path = tempfile.mkdtemp(prefix="galbayes-test-xla-")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-
-
-_share_compiled_programs()
 
 
 # --------------------------------------------------------------------------- helpers
