@@ -5,7 +5,6 @@ benchmark script measures it on more), posterior files; optional end-to-end CLI 
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 import sys
 
@@ -105,8 +104,6 @@ def test_unknown_likelihood_is_rejected():
         run_nuts(cal.model, cal.batch, cal.res.values, likelihood="poisson")
 
 
-@pytest.mark.skipif(not os.environ.get("GALBAYES_SLOW_TESTS"),
-                    reason="end-to-end CLI run (compiles the shipped recipe); set GALBAYES_SLOW_TESTS=1")
 def test_cli_fit_with_errors_then_sample(tmp_path):
     from astropy.io import fits
     from astropy.table import Table
