@@ -168,7 +168,8 @@ def _coverage(model, values, err, truth, use):
     return {k.replace("sersic_", ""): float(inside[use, model.keys.index(k)].mean()) for k in TRUTH}
 
 
-def bench_coverage(n_real=1000, n_boot_real=100, n_boot=100, n_nuts=32, oversample=((11, 5),)):
+def bench_coverage(n_real=1000, n_boot_real=100, n_boot=100, n_nuts=400, nuts_batch=None,
+                   oversample=((11, 5),)):
     print(f"== coverage: {n_real} realisations (Laplace), {n_boot_real} x {n_boot} replicas (bootstrap), "
           f"{n_nuts} (NUTS, 4 chains x (200 + 400))")
     model = gb.Model([gb.Component("sersic", "sersic", {"re": {"bounds": [0.3, 40.0]},
@@ -190,19 +191,32 @@ def bench_coverage(n_real=1000, n_boot_real=100, n_boot=100, n_nuts=32, oversamp
     free = np.asarray(model.free)
     rel = np.abs(lap["jacobian"].errors[ok][:, free] / lap["hessian"].errors[ok][:, free] - 1)
     agree = {"median": float(np.median(rel)), "p90": float(np.percentile(rel, 90)), "max": float(rel.max())}
-    t0 = time.perf_counter()
-    idx = np.arange(n_boot_real)
-    boot = bootstrap_errors(model, _sub(batch, idx), res.values[idx], n_boot=n_boot, batch_size=500)
-    t_boot = time.perf_counter() - t0
-    okb = ok[idx] & np.array([f == "ok" for f in boot.flags])
-    rows["bootstrap"] = _coverage(model, res.values[idx], boot.errors, truth, okb)
-    n_used["bootstrap"] = int(okb.sum())
-    ratio = np.median(boot.errors[okb][:, free] / lap["hessian"].errors[idx][okb][:, free], axis=0)
-    idx = np.arange(n_nuts)
-    nuts = run_nuts(model, _sub(batch, idx), res.values[idx], chains=4, warmup=200, draws=400, seed=2)
-    lo, hi = np.percentile(nuts.samples, [15.87, 84.13], axis=(1, 2))
-    rows["NUTS (central 68%)"] = _coverage(model, (lo + hi) / 2, (hi - lo) / 2, truth, np.ones(n_nuts, bool))
-    n_used["NUTS (central 68%)"] = n_nuts
+    ratio, t_boot = np.full(len(free), np.nan), 0.0
+    if n_boot_real:
+        t0 = time.perf_counter()
+        idx = np.arange(n_boot_real)
+        boot = bootstrap_errors(model, _sub(batch, idx), res.values[idx], n_boot=n_boot, batch_size=500)
+        t_boot = time.perf_counter() - t0
+        okb = ok[idx] & np.array([f == "ok" for f in boot.flags])
+        rows["bootstrap"] = _coverage(model, res.values[idx], boot.errors, truth, okb)
+        n_used["bootstrap"] = int(okb.sum())
+        ratio = np.median(boot.errors[okb][:, free] / lap["hessian"].errors[idx][okb][:, free], axis=0)
+    nuts = None
+    if n_nuts:
+        idx = np.arange(n_nuts)
+        nuts = run_nuts(model, _sub(batch, idx), res.values[idx], chains=4, warmup=200, draws=400, seed=2,
+                        batch_size=nuts_batch)
+        lo, hi = np.percentile(nuts.samples, [15.87, 84.13], axis=(1, 2))
+        okn = ok[idx]
+        rows["NUTS (central 68%)"] = _coverage(model, (lo + hi) / 2, (hi - lo) / 2, truth, okn)
+        n_used["NUTS (central 68%)"] = int(okn.sum())
+        # the same realisations with Laplace (b): a paired control for the sampling noise
+        rows["Laplace (b), NUTS subset"] = _coverage(model, res.values[idx], lap["hessian"].errors[idx], truth, okn)
+        n_used["Laplace (b), NUTS subset"] = int(okn.sum())
+        sd = nuts.samples.std(axis=(1, 2))
+        width = np.median(sd[okn][:, free] / lap["hessian"].errors[idx][okn][:, free], axis=0)
+        shift = np.median(np.abs(nuts.samples.mean(axis=(1, 2)) - res.values[idx])[okn][:, free]
+                          / lap["hessian"].errors[idx][okn][:, free], axis=0)
     keys = [k.replace("sersic_", "") for k in TRUTH]
     print("| method | N | " + " | ".join(keys) + " |")
     print("|---|---|" + "---|" * len(keys))
@@ -210,11 +224,18 @@ def bench_coverage(n_real=1000, n_boot_real=100, n_boot=100, n_nuts=32, oversamp
         print(f"| {name} | {n_used[name]} | " + " | ".join(f"{100 * cov[k]:.1f}%" for k in keys) + " |")
     print(f"   (a) vs (b) relative error difference: median {agree['median']:.4f}, 90th pct {agree['p90']:.4f}, "
           f"max {agree['max']:.3f}; flagged realisations {int((~ok).sum())}/{n_real}")
-    print(f"   bootstrap/Laplace median error ratio {np.round(ratio, 3).tolist()}; bootstrap {t_boot:.0f} s; "
-          f"NUTS max R-hat {np.nanmax(nuts.r_hat):.4f}, divergences {int(nuts.divergences.sum())}")
-    return {"coverage": rows, "n": n_used, "agreement_a_vs_b": agree,
-            "bootstrap_over_laplace": ratio.tolist(), "nuts_max_rhat": float(np.nanmax(nuts.r_hat)),
-            "nuts_divergences": int(nuts.divergences.sum())}
+    print(f"   bootstrap/Laplace median error ratio {np.round(ratio, 3).tolist()}; bootstrap {t_boot:.0f} s")
+    out = {"coverage": rows, "n": n_used, "agreement_a_vs_b": agree, "bootstrap_over_laplace": ratio.tolist()}
+    if nuts is not None:
+        se = 100 * np.sqrt(0.68 * 0.32 / max(int(okn.sum()), 1))
+        print(f"   NUTS: binomial standard error of a 68% coverage on {int(okn.sum())} realisations {se:.1f}%; "
+              f"max R-hat {np.nanmax(nuts.r_hat):.4f}, divergences {int(nuts.divergences.sum())}, "
+              f"{nuts.wall_time:.0f} s sampling; median NUTS sd / Laplace sigma {np.round(width, 3).tolist()}; "
+              f"median |NUTS mean - MAP| / sigma {np.round(shift, 3).tolist()} ({model.free_keys})")
+        out.update({"nuts_max_rhat": float(np.nanmax(nuts.r_hat)), "nuts_divergences": int(nuts.divergences.sum()),
+                    "nuts_sd_over_laplace": width.tolist(), "nuts_mean_minus_map_over_sigma": shift.tolist(),
+                    "nuts_wall_s": nuts.wall_time})
+    return out
 
 
 def main(argv=None):
@@ -222,6 +243,10 @@ def main(argv=None):
     ap.add_argument("--section", choices=["laplace", "nuts", "coverage", "all"], default="all")
     ap.add_argument("--json", default=None, help="write the figures to this JSON file")
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    ap.add_argument("--n-real", type=int, default=1000, help="coverage: Laplace realisations")
+    ap.add_argument("--n-boot-real", type=int, default=100, help="coverage: bootstrap realisations")
+    ap.add_argument("--n-nuts", type=int, default=400, help="coverage: NUTS realisations (<= --n-real)")
+    ap.add_argument("--nuts-batch", type=int, default=None, help="coverage: galaxies per NUTS program")
     args = ap.parse_args(argv)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}")
@@ -232,7 +257,9 @@ def main(argv=None):
         out["nuts"] = bench_nuts(**({"n_gal": 2, "warmup": 100, "draws": 100} if args.quick else {}))
     if args.section in ("coverage", "all"):
         out["coverage"] = bench_coverage(**({"n_real": 64, "n_boot_real": 4, "n_boot": 20, "n_nuts": 2}
-                                            if args.quick else {}))
+                                            if args.quick else
+                                            {"n_real": args.n_real, "n_boot_real": args.n_boot_real,
+                                             "n_nuts": args.n_nuts, "nuts_batch": args.nuts_batch}))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2, default=float)

@@ -49,7 +49,9 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from common import accuracy, imfit_fit, machine
+    from common import accuracy, machine
+
+    from galbayes.reference import imfit_fit
     from galbayes.devices import place_batch
     from galbayes.inference.map import MapOptions, _compiled
     from galbayes.mocks import sersic_mocks

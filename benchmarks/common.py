@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmarks: a cached GalSim mock pool, an Imfit (pyimfit) fitter in
-galbayes' conventions, accuracy summaries, peak memory and a machine description."""
+"""Shared pieces of the benchmarks: a cached GalSim mock pool, accuracy summaries, peak memory
+and a machine description (the Imfit fitter is :mod:`galbayes.reference`)."""
 from __future__ import annotations
 
 import datetime
@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import special
 
 KEYS = ("sersic_xc", "sersic_yc", "sersic_pa", "sersic_q", "sersic_re", "sersic_n", "sersic_mag")
 
@@ -48,49 +47,6 @@ def mock_pool(count: int, seed: int, path) -> Path:
 
         save_mocks(path, sersic_mocks(count, seed=seed))
     return path
-
-
-# --------------------------------------------------------------------------- Imfit
-def sersic_flux_norm(n, re, q):
-    """Total flux / I_e of an elliptical Sérsic profile (I_e at the major-axis r_e)."""
-    nu = special.gammaincinv(2.0 * n, 0.5)
-    return 2.0 * np.pi * q * re**2 * n * special.gamma(2.0 * n) * np.exp(nu) / nu ** (2.0 * n)
-
-
-def imfit_fit(obs, init: dict, *, solver: str = "LM") -> dict:
-    """Fit one galaxy with Imfit (pyimfit) from ``init``; values in galbayes' conventions.
-
-    Imfit uses 1-based pixel centres (x = x0 + 1), PA counter-clockwise from +y (as galbayes),
-    ell = 1 - q and the surface brightness I_e at r_e, converted to a total magnitude with
-    the analytic Sérsic flux. Bounds as galbayes' 'sersic' recipe (n 0.3-10, re 0.3-200 px,
-    q >= 0.05), centre within ±10 px of the start, PA within ±90°.
-    """
-    import pyimfit
-
-    zp = obs.zp
-    x0, y0 = init["sersic_xc"] + 1.0, init["sersic_yc"] + 1.0
-    n, re, q, pa = init["sersic_n"], init["sersic_re"], init["sersic_q"], init["sersic_pa"]
-    ie = 10 ** (-0.4 * (init["sersic_mag"] - zp)) / sersic_flux_norm(n, re, q)
-    md = pyimfit.SimpleModelDescription()
-    md.x0.setValue(x0, [x0 - 10.0, x0 + 10.0])
-    md.y0.setValue(y0, [y0 - 10.0, y0 + 10.0])
-    f = pyimfit.make_imfit_function("Sersic", label="sersic")
-    f.PA.setValue(pa, [pa - 90.0, pa + 90.0])
-    f.ell.setValue(min(max(1.0 - q, 0.0), 0.95), [0.0, 0.95])
-    f.n.setValue(n, [0.3, 10.0])
-    f.I_e.setValue(ie, [ie * 1e-3, ie * 1e3])
-    f.r_e.setValue(re, [0.3, 200.0])
-    md.addFunction(f)
-    fitter = pyimfit.Imfit(md, psf=np.asarray(obs.psf, np.float64))
-    result = fitter.fit(np.asarray(obs.image, np.float64), error=np.asarray(obs.sigma, np.float64),
-                        mask=(np.asarray(obs.weight) == 0).astype(np.float64), solver=solver)
-    x0, y0, pa, ell, n, ie, re = fitter.getRawParameters()
-    q = 1.0 - ell
-    return {"sersic_xc": x0 - 1.0, "sersic_yc": y0 - 1.0, "sersic_pa": (pa + 90.0) % 180.0 - 90.0,
-            "sersic_q": q, "sersic_n": n, "sersic_re": re,
-            "sersic_mag": zp - 2.5 * np.log10(ie * sersic_flux_norm(n, re, q)),
-            "chi2": float(fitter.fitStatistic), "n_iter": int(result.nIter),
-            "converged": bool(result.fitConverged)}
 
 
 # --------------------------------------------------------------------------- metrics

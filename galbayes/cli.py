@@ -98,10 +98,12 @@ def cmd_demo(args):
 def cmd_sample(args):
     from .inference.nuts import sample_results
 
-    if not args.ids and not args.worst:
-        print("galbayes: error: give --ids ID [ID ...] or --worst N", file=sys.stderr)
+    if not args.ids and not args.worst and args.rows is None and args.where is None:
+        print("galbayes: error: give --ids ID [ID ...], --worst N, --rows I [I ...] or --where EXPR",
+              file=sys.stderr)
         return 2
-    summary, skipped = sample_results(args.results_dir, ids=args.ids, worst=args.worst, chains=args.chains,
+    summary, skipped = sample_results(args.results_dir, ids=args.ids, worst=args.worst, rows=args.rows,
+                                      where=args.where, chains=args.chains,
                                       draws=args.draws, warmup=args.warmup, seed=args.seed or 0,
                                       likelihood=args.likelihood, batch_size=args.batch_size)
     for gid, why in skipped.items():
@@ -151,7 +153,11 @@ def build_parser():
     p.add_argument("results_dir", help="output folder of 'galbayes fit' (results.fits, run.json)")
     p.add_argument("--ids", nargs="+", default=None, metavar="ID", help="galaxies to sample")
     p.add_argument("--worst", type=int, default=None, metavar="N",
-                   help="or: the N fitted galaxies with the highest reduced chi2")
+                   help="and/or: the N fitted galaxies with the highest reduced chi2")
+    p.add_argument("--rows", type=int, nargs="+", default=None, metavar="I",
+                   help="and/or: 0-based row numbers of results.fits")
+    p.add_argument("--where", default=None, metavar="EXPR",
+                   help="and/or: rows of results.fits meeting 'COLUMN OP VALUE', e.g. 'sersic_n>4'")
     p.add_argument("--chains", type=int, default=4, help="chains per galaxy (default 4)")
     p.add_argument("--draws", type=int, default=1000, help="kept draws per chain (default 1000)")
     p.add_argument("--warmup", type=int, default=500, help="warmup iterations per chain (default 500)")

@@ -173,6 +173,33 @@ class Model:
                 raise ModelError(f"{e.key}: bounds {b} must be > 0 for a log-sampled parameter")
 
     @property
+    def axis_ratio_pairs(self) -> list:
+        """``(free position of q, free position of pa)`` of every ellipse whose axis ratio
+        ``q`` and position angle ``pa`` are both free and owned by the same components.
+
+        An ellipse of axis ratio q at angle pa equals one of axis ratio 1/q at pa ± 90°, so a
+        fit that wants q > 1 ends on the bound q = 1 with an arbitrary pa; the MAP fitter
+        restarts such fits from q < 1 at pa + 90° (:mod:`galbayes.inference.map`).
+        """
+        owners: dict = {}
+        for (comp, name), idx in self.slots.items():
+            owners.setdefault(idx, set()).add(comp)
+        pairs = []
+        for comp in self.components:
+            names = self.profiles[comp.name].param_names
+            if "q" not in names or "pa" not in names:
+                continue
+            iq, ipa = self.slots[(comp.name, "q")], self.slots[(comp.name, "pa")]
+            if not self.entries[ipa].spec.angle or iq not in self.free or ipa not in self.free:
+                continue
+            if owners[iq] != owners[ipa]:
+                continue
+            pair = (self.free.index(iq), self.free.index(ipa))
+            if pair not in pairs:
+                pairs.append(pair)
+        return pairs
+
+    @property
     def keys(self) -> list:
         """Every entry's name, ``<component>_<param>``, in vector order."""
         return [e.key for e in self.entries]

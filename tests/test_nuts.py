@@ -30,32 +30,53 @@ def nuts_run():
     return cal, res
 
 
+K_WELL, DRAWS_WELL = 3, 1000
+
+
+@functools.lru_cache(maxsize=None)
+def well_posed_run():
+    """The calibration truth with the package's default pixel integration (central
+    triangle-fan quadrature): a smooth target. The fanless model of the calibration fixture
+    has tiny kinks where the centre crosses a sub-pixel sample, and NUTS reports them as
+    occasional divergences (measured: 12 in 16 × 1600 draws, none with the default model)."""
+    import jax
+
+    import galbayes as gb
+    from galbayes.inference import fit_map, laplace_errors
+
+    cal = cal_mod.calibration()
+    model = cal_mod.sersic_model(oversample=gb.model.DEFAULT_OVERSAMPLE)
+    batch = gb.Model.stack([model.pack(gb.Observation(image=d, sigma=cal.sigma, psf=cal.psf, zp=cal_mod.ZP),
+                                       cal_mod.TRUTH) for d in cal.data[:K_WELL]])
+    values = fit_map(model, batch, max_iter=0).values
+    lap = laplace_errors(model, batch, values, method="hessian")
+    res = run_nuts(model, batch, values, chains=CHAINS, warmup=WARMUP, draws=DRAWS_WELL, seed=5)
+    return model, values, lap, jax.tree_util.tree_map(np.asarray, batch), res
+
+
 def test_nuts_converges_on_a_well_posed_mock():
-    cal, res = nuts_run()
-    print(f"\nNUTS: {K_REAL} galaxies x {CHAINS} chains x ({WARMUP} + {DRAWS}) in {res.wall_time:.1f} s "
+    model, _, _, _, res = well_posed_run()
+    print(f"\nNUTS: {K_WELL} galaxies x {CHAINS} chains x ({WARMUP} + {DRAWS_WELL}) in {res.wall_time:.1f} s "
           f"(+{res.compile_time:.1f} s compile); max R-hat {np.nanmax(res.r_hat):.4f}, "
           f"min bulk ESS {np.nanmin(res.ess_bulk):.0f}, divergences {res.divergences.tolist()}, "
           f"mean leapfrog steps {np.round(res.mean_tree_steps, 1).tolist()}")
-    assert res.samples.shape == (K_REAL, CHAINS, DRAWS, len(cal.model.keys))
-    assert np.all(res.r_hat[0] < 1.01), res.r_hat[0]
-    assert np.all(res.r_hat < 1.02)
-    assert np.all(res.divergences == 0)
-    assert np.all(res.ess_bulk > 300)
+    assert res.samples.shape == (K_WELL, CHAINS, DRAWS_WELL, len(model.keys))
+    assert np.all(res.r_hat < 1.01), res.r_hat
+    assert np.all(res.divergences == 0), res.divergences
+    assert np.all(res.ess_bulk > 400)
     # fixed entries stay at their value
-    box = cal.model.keys.index("sersic_box")
+    box = model.keys.index("sersic_box")
     assert np.all(res.samples[..., box] == 0.0)
 
 
 def test_nuts_posterior_matches_laplace():
-    cal, res = nuts_run()
-    lap = cal_mod.laplace("hessian")
-    free = np.asarray(cal.model.free)
+    model, values, lap, _, res = well_posed_run()
+    free = np.asarray(model.free)
     mean = res.samples.mean(axis=(1, 2))
     sd = res.samples.std(axis=(1, 2))
-    ok = np.array([f == "ok" for f in lap.flags[:K_REAL]])
-    dev = cal_mod.deviations(cal.model, mean, cal.res.values[:K_REAL])[ok][:, free]
-    z = dev / lap.errors[:K_REAL][ok][:, free]
-    ratio = sd[ok][:, free] / lap.errors[:K_REAL][ok][:, free]
+    assert all(f == "ok" for f in lap.flags)
+    z = cal_mod.deviations(model, mean, values)[:, free] / lap.errors[:, free]
+    ratio = sd[:, free] / lap.errors[:, free]
     print(f"\n(posterior mean - MAP) / Laplace sigma: max |.| {np.abs(z).max():.2f}; "
           f"posterior sd / Laplace sigma: median {np.median(ratio):.3f}, range "
           f"[{ratio.min():.2f}, {ratio.max():.2f}]")
@@ -98,6 +119,28 @@ def test_posterior_files_and_summary(tmp_path):
     assert {"id", "param", "mean", "sd", "r_hat", "ess_bulk", "divergences"} <= set(rows[0])
 
 
+def test_subset_selection_by_rows_and_where():
+    from astropy.table import Table
+
+    from galbayes.errors import InputError
+    from galbayes.inference.nuts import _row_indices, _where_mask
+
+    t = Table({"id": ["a", "b", "c", "d"], "chi2_red": [1.0, 2.5, np.nan, 1.2],
+               "status": ["ok", "ok", "fit failed: x", "ok"]})
+    assert _row_indices([False, True, False, True], 4).tolist() == [1, 3]
+    assert _row_indices([2, 0], 4).tolist() == [2, 0]
+    assert _where_mask(t, "chi2_red > 1.1").tolist() == [False, True, False, True]   # NaN never selected
+    assert _where_mask(t, "chi2_red<=1").tolist() == [True, False, False, False]
+    assert _where_mask(t, "status == ok").tolist() == [True, True, False, True]
+    for bad in ([True, False], [7], [0.5]):
+        with pytest.raises(InputError, match="rows"):
+            _row_indices(bad, 4)
+    for bad, msg in (("sersic_n > 4", "no column 'sersic_n'"), ("chi2_red >> 1", "cannot read"),
+                     ("chi2_red > big", "not a number")):
+        with pytest.raises(InputError, match=msg):
+            _where_mask(t, bad)
+
+
 def test_unknown_likelihood_is_rejected():
     cal = cal_mod.calibration()
     with pytest.raises(ValueError):
@@ -125,7 +168,8 @@ def test_cli_fit_with_errors_then_sample(tmp_path):
     table = Table.read(out / "results.fits")
     assert np.all(np.isfinite(table["sersic_re_err"])) and np.all(table["sersic_re_err"] > 0)
     assert (out / "covariance" / "g0.fits").exists() and (out / "run.json").exists()
-    r = subprocess.run(run + ["sample", str(out), "--ids", "g1", "--chains", "2", "--draws", "200",
+    # chosen by row number (the same program as --ids; selections are tested below)
+    r = subprocess.run(run + ["sample", str(out), "--rows", "1", "--chains", "2", "--draws", "200",
                               "--warmup", "150"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (out / "posteriors" / "g1.nc").exists()

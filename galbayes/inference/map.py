@@ -25,8 +25,9 @@ Stages
    when its loss has not improved by ``ftol`` for ``patience`` steps.
 2. Polish (default ``"lm"``): Levenberg–Marquardt on the whitened residuals in the
    guide's unconstrained coordinates, with the Jacobian from ``jax.jacfwd`` (one forward
-   pass per free parameter); stops when an accepted step gains less than ``lm_ftol`` in
-   χ²/2. From the SVI start it typically needs 5–20 steps and lands on the χ² minimum.
+   pass per free parameter); a galaxy has converged when the undamped Gauss–Newton step
+   predicts a gain below ``lm_ftol`` in χ²/2 (see :func:`_lm_stage`). From the SVI start it
+   typically needs 5–20 steps and lands on the χ² minimum.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ class MapOptions:
     lm_iter : int
         Cap on Levenberg–Marquardt steps.
     lm_ftol : float
-        LM stops when an accepted step gains less than this in χ²/2.
+        LM has converged when the undamped Gauss–Newton step predicts a gain below this in
+        χ²/2 (i.e. χ² is within 2·lm_ftol of the minimum of its quadratic model).
     seed : int
         Random seed (SVI's key; the point-mass guide uses no randomness).
     """
@@ -158,8 +160,50 @@ def _objective_parts(model: Model, gal: GalaxyArrays):
     return constrained, residuals, neg_log_prior
 
 
+_FLIP_Q = 0.97          # restart axis ratio after a fit ended on q = 1 (see _axis_flip)
+
+
+def _axis_flip(model: Model, gal: GalaxyArrays, values):
+    """Values with every ellipse that ended on its upper axis-ratio bound q = 1 turned by
+    90° and started again at q = 0.97, and whether any was.
+
+    q ≤ 1 is a convention, not physics: an ellipse (q, pa) equals (1/q, pa ± 90°), so when the
+    data want q slightly above 1 the fit stops on the bound with an arbitrary pa; the minimum
+    it is looking for lies at q < 1 and pa + 90°. Only bounds that reach 1 (a user's upper
+    bound below 1 is deliberate) and angles free over a full 180° are turned.
+    """
+    need = jnp.bool_(False)
+    for jq, jpa in model.axis_ratio_pairs:
+        iq, ipa = model.free[jq], model.free[jpa]
+        lo_q, hi_q, lo_a, hi_a = gal.lo[jq], gal.hi[jq], gal.lo[jpa], gal.hi[jpa]
+        on_bound = (hi_q >= 0.999) & (values[iq] > hi_q - 2e-3 * (hi_q - lo_q)) & (hi_a - lo_a >= 179.9)
+        pa = lo_a + jnp.mod(values[ipa] + 90.0 - lo_a, 180.0)
+        pa = jnp.clip(pa, lo_a + 1e-4 * (hi_a - lo_a), hi_a - 1e-4 * (hi_a - lo_a))
+        q = jnp.clip(_FLIP_Q, lo_q + 1e-3 * (hi_q - lo_q), hi_q)
+        values = jnp.where(on_bound, values.at[iq].set(q).at[ipa].set(pa), values)
+        need = need | on_bound
+    return values, need
+
+
 def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
-    """Levenberg–Marquardt on ½‖r(z)‖² + (−log prior) in unconstrained coordinates."""
+    """Levenberg–Marquardt on ½‖r(z)‖² + (−log prior) in unconstrained coordinates.
+
+    Stopping rule: the galaxy is *converged* when the undamped Gauss–Newton step at the
+    current point predicts a gain below ``lm_ftol`` in χ²/2 (half the Newton decrement
+    ``gᵀH⁻¹g``, with H lightly regularised by 1e-6 of its diagonal): a test of the gradient in
+    the metric of the curvature, scale-free and immune to float32 rounding of χ² itself. A
+    small accepted step is *not* a stopping signal (at large damping a step can be tiny far
+    from the minimum). Gains of trial steps are summed pixel by pixel as
+    ½Σ(r−r')(r+r'), so they are exact to float32 precision even when χ²/2 ~ 1e4 and the gain
+    ~ 1e-4. The damping follows Nielsen's rule (gain ratio ρ: λ·max(1/3, 1 − (2ρ−1)³) on
+    success, λ·ν with ν doubling on failure). The loop also ends, *unconverged*, at ``lm_iter``
+    steps or when a step fails at damping 1e7 (a point where even a scaled gradient step
+    of relative size 1e-7 does not descend).
+
+    A galaxy that stops with an ellipse on q = 1 is restarted once from q = 0.97 at pa + 90°
+    (:func:`_axis_flip`), in the same loop and iteration budget; the better of the two ends
+    (by the objective) is kept.
+    """
     constrained, residuals, neg_log_prior = _objective_parts(model, gal)
     flat0, unravel = jax.flatten_util.ravel_pytree(z0)
 
@@ -169,40 +213,68 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
     def prior(x):
         return neg_log_prior(unravel(x))
 
-    def objective(x):
-        r = res(x)
-        return 0.5 * jnp.sum(r * r) + prior(x)
+    def flipped(x):
+        values = model.values_from_sites(constrained(unravel(x)), gal)
+        values, need = _axis_flip(model, gal, values)
+        z = unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, model.site_values(values, gal))
+        return jax.flatten_util.ravel_pytree(z)[0], need
 
-    f0 = objective(flat0)
     n = flat0.shape[0]
+    eye = jnp.eye(n)
+    can_flip = bool(model.axis_ratio_pairs)
 
     def cond(c):
-        _, _, _, it, done = c
-        return (it < opts.lm_iter) & ~done
+        return (c[3] < opts.lm_iter) & ~c[5]
 
     def body(c):
-        x, f, lam, it, _ = c
+        x, lam, nu, it, _, _, phase, x_keep, f_keep, conv_keep = c
         r = res(x)
         jac = jax.jacfwd(res)(x)
+        p0 = prior(x)
         grad = jac.T @ r + jax.grad(prior)(x)
         hess = jac.T @ jac + jax.hessian(prior)(x)
         diag = jnp.maximum(jnp.diag(hess), 1e-12)
-        step = jnp.linalg.solve(hess + lam * jnp.diag(diag) + 1e-12 * jnp.eye(n), -grad)
+        # predicted gain of the (almost) undamped Gauss–Newton step
+        gn = jnp.linalg.solve(hess + 1e-6 * jnp.diag(diag), grad)
+        decrement = 0.5 * jnp.dot(grad, gn)
+        at_min = jnp.isfinite(decrement) & (decrement < opts.lm_ftol)
+        step = jnp.linalg.solve(hess + lam * jnp.diag(diag) + 1e-12 * eye, -grad)
         step = jnp.where(jnp.all(jnp.isfinite(step)), step, jnp.zeros_like(step))
         x_new = x + step
-        f_new = objective(x_new)
-        accept = jnp.isfinite(f_new) & (f_new < f)
-        gain = f - f_new
+        r_new = res(x_new)
+        gain = -(0.5 * jnp.sum((r_new - r) * (r_new + r)) + (prior(x_new) - p0))
+        predicted = -(jnp.dot(grad, step) + 0.5 * step @ hess @ step)
+        rho = gain / jnp.maximum(predicted, 1e-30)
+        accept = ~at_min & jnp.isfinite(gain) & (gain > 0)
         x = jnp.where(accept, x_new, x)
-        f_out = jnp.where(accept, f_new, f)
-        lam = jnp.clip(jnp.where(accept, lam / 3.0, lam * 4.0), 1e-9, 1e12)
-        small_step = jnp.max(jnp.abs(step)) < 1e-6
-        done = (accept & (gain < opts.lm_ftol)) | (~accept & (lam >= 1e12)) | small_step
-        return x, f_out, lam, it + 1, done
+        f = 0.5 * jnp.sum(r * r) + p0 - jnp.where(accept, gain, 0.0)
+        lam_ok = lam * jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * jnp.clip(rho, 0.0, 1.0) - 1.0) ** 3)
+        lam = jnp.clip(jnp.where(accept, lam_ok, lam * nu), 1e-9, 1e8)
+        nu = jnp.where(accept, 2.0, nu * 2.0)
+        stuck = ~at_min & ~accept & (lam >= 1e7)
+        done = at_min | stuck
+        if can_flip:
+            x_alt, need = flipped(x)
+            restart = done & (phase == 0) & need
+            x_keep = jnp.where(restart, x, x_keep)
+            f_keep = jnp.where(restart, f, f_keep)
+            conv_keep = jnp.where(restart, at_min, conv_keep)
+            x = jnp.where(restart, x_alt, x)
+            lam = jnp.where(restart, 1e-3, lam)
+            nu = jnp.where(restart, 2.0, nu)
+            phase = jnp.where(restart, 1, phase)
+            done = done & ~restart
+        return x, lam, nu, it + 1, at_min, done, phase, x_keep, f_keep, conv_keep
 
-    x, f, lam, it, done = jax.lax.while_loop(
-        cond, body, (flat0, f0, jnp.float32(1e-3), jnp.int32(0), jnp.bool_(False)))
-    return unravel(x), it, done
+    init = (flat0, jnp.float32(1e-3), jnp.float32(2.0), jnp.int32(0), jnp.bool_(False), jnp.bool_(False),
+            jnp.int32(0), flat0, jnp.float32(jnp.inf), jnp.bool_(False))
+    x, _, _, it, converged, _, phase, x_keep, f_keep, conv_keep = jax.lax.while_loop(cond, body, init)
+    if can_flip:
+        r = res(x)
+        better = (0.5 * jnp.sum(r * r) + prior(x)) < f_keep     # f_keep = inf unless restarted
+        x = jnp.where(better, x, x_keep)
+        converged = jnp.where(better, converged, conv_keep)
+    return unravel(x), it, converged
 
 
 def _fit_one(model: Model, opts: MapOptions, gal: GalaxyArrays, key):

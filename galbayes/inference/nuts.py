@@ -37,6 +37,16 @@ covariance, giving step sizes far too small and ~45 leapfrog steps per draw; whi
 posterior is ~N(0, I) and draws take ~7 steps (measured). The dense mass matrix is still
 adapted on top.
 
+Divergences and pixel integration
+---------------------------------
+NUTS needs a smooth target. With the default pixel integration (sub-pixels in the central
+box plus the triangle-fan quadrature of the central pixels) the χ² surface is smooth in the
+centre and no divergences were seen (16 calibration realisations × 4 chains × 400 draws,
+and the well-posed test). A model built with a coarser ``oversample`` (e.g. ``((11, 5),)``,
+no fan) has tiny kinks where the centre crosses a sub-pixel sample of the cusp; NUTS reports
+them as occasional divergences (0.02% of transitions on 398 realisations), harmless for the
+intervals but worth knowing when reading the diagnostics.
+
 Likelihood
 ----------
 ``likelihood="gaussian"`` (default) samples the posterior with independent Gaussian pixels,
@@ -383,8 +393,55 @@ def save_posteriors(model: Model, result: NutsResult, ids, out_dir, *, map_value
 
 
 # --------------------------------------------------------------------------- results folders
-def sample_results(results_dir, *, ids=None, worst: int | None = None, chains: int = 4,
-                   draws: int = 1000, warmup: int = 500, seed: int = 0,
+_OPS = {"<=": np.less_equal, ">=": np.greater_equal, "==": np.equal, "!=": np.not_equal,
+        "<": np.less, ">": np.greater}
+
+
+def _row_indices(rows, n_rows: int) -> np.ndarray:
+    """0-based row indices from a boolean mask (length ``n_rows``) or an index list."""
+    from ..errors import InputError
+
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        if rows.shape != (n_rows,):
+            raise InputError(f"row mask has shape {rows.shape}; results.fits has {n_rows} rows", what="rows")
+        return np.flatnonzero(rows)
+    if rows.size and not np.issubdtype(rows.dtype, np.integer):
+        raise InputError(f"rows must be a boolean mask or integer indices, got dtype {rows.dtype}", what="rows")
+    rows = rows.astype(int).ravel()
+    bad = rows[(rows < 0) | (rows >= n_rows)]
+    if bad.size:
+        raise InputError(f"row indices {bad.tolist()} outside 0..{n_rows - 1}", what="rows")
+    return rows
+
+
+def _where_mask(table, where: str) -> np.ndarray:
+    """Boolean mask of ``table`` rows meeting ``"COLUMN OP VALUE"``."""
+    import re
+
+    from ..errors import InputError
+
+    m = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*(\S+)\s*", where)
+    if m is None:
+        raise InputError(f"cannot read {where!r}: expected 'COLUMN OP VALUE', OP one of < <= > >= == !=",
+                         what="where")
+    col, op, raw = m.groups()
+    if col not in table.colnames:
+        raise InputError(f"{where!r}: results.fits has no column {col!r} (columns: {', '.join(table.colnames)})",
+                         what="where")
+    values = np.asarray(table[col])
+    if values.dtype.kind in "fiu":
+        try:
+            ref = float(raw)
+        except ValueError:
+            raise InputError(f"{where!r}: {col} is numeric but {raw!r} is not a number", what="where") from None
+        with np.errstate(invalid="ignore"):
+            return _OPS[op](values.astype(float), ref) & np.isfinite(values.astype(float))
+    return _OPS[op](values.astype(str), raw.strip("'\""))
+
+
+def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None, where: str | None = None,
+                   chains: int = 4, draws: int = 1000, warmup: int = 500, seed: int = 0,
                    likelihood: str = "gaussian", batch_size: int | None = None):
     """NUTS for chosen galaxies of a ``galbayes fit`` output folder (``galbayes sample``).
 
@@ -400,7 +457,15 @@ def sample_results(results_dir, *, ids=None, worst: int | None = None, chains: i
     ids : list of str, optional
         Galaxies to sample.
     worst : int, optional
-        Or: the ``worst`` galaxies with status ``ok…`` and the highest reduced χ².
+        And/or: the ``worst`` galaxies with status ``ok…`` and the highest reduced χ².
+    rows : array of bool or int, optional
+        And/or: a row mask over ``results.fits`` (length = its number of rows) or 0-based
+        row indices.
+    where : str, optional
+        And/or: rows of ``results.fits`` meeting ``"COLUMN OP VALUE"`` with OP one of
+        ``< <= > >= == !=`` (e.g. ``"sersic_n > 4"``, ``"chi2_red>1.5"``).
+
+    The selections are combined (union), in results order within each, without duplicates.
     batch_size : int, optional
         Galaxies whose chains run together. Default: 1 on CPU (where the vectorised batch
         waits for its deepest tree and a CPU gains nothing from wider vectors:
@@ -434,11 +499,16 @@ def sample_results(results_dir, *, ids=None, worst: int | None = None, chains: i
     status = [str(s) for s in table["status"]]
     by_id = {str(r["id"]): r for r in table}
     skipped = {}
+    chosen = [str(i) for i in (ids or [])]
     if worst is not None:
         good = [i for i, s in enumerate(status) if s.startswith("ok")]
         good.sort(key=lambda i: -float(table["chi2_red"][i]))
-        ids = [str(table["id"][i]) for i in good[:worst]]
-    ids = [str(i) for i in (ids or [])]
+        chosen += [str(table["id"][i]) for i in good[:worst]]
+    if rows is not None:
+        chosen += [str(table["id"][i]) for i in _row_indices(rows, len(table))]
+    if where is not None:
+        chosen += [str(table["id"][i]) for i in np.flatnonzero(_where_mask(table, where))]
+    ids = list(dict.fromkeys(chosen))
     for gid in ids:
         if gid not in by_id:
             skipped[gid] = "not in results.fits"
