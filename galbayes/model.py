@@ -254,7 +254,11 @@ class Model:
     def _default_bounds(self, obs: Observation, spec: ParamSpec, init: float):
         ny, nx = obs.shape
         if spec.angle:
-            return init - 90.0, init + 90.0
+            # Two periods of an ellipse's orientation (symmetric under 180°): every
+            # orientation has an equivalent angle at least 90° from either bound, so a fit never
+            # has to stop on an angle bound (with init ± 90° an answer 90° from the start sits
+            # on the bound, where the bounded transform saturates).
+            return init - 180.0, init + 180.0
         if spec.bounds == IMAGE_X:
             return -0.5, nx - 0.5
         if spec.bounds == IMAGE_Y:

@@ -46,8 +46,9 @@ class ParamSpec:
     log : bool
         Sample ``log10(value)`` (log-uniform prior).
     angle : bool
-        A position angle in degrees: the default bounds are ``init ± 90°`` and results are
-        wrapped into [-90°, 90°).
+        A position angle in degrees: the default bounds are ``init ± 180°`` (two periods of an
+        ellipse's orientation, so that no answer sits on a bound) and results are wrapped into
+        [-90°, 90°).
     doc : str
         One line for the documentation.
     """

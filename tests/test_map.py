@@ -279,6 +279,25 @@ def test_start_on_a_bound_is_not_stuck(model, general, chi2_ref):
     assert on_bound["sersic_q"] < 1.0
 
 
+def test_round_galaxy_started_on_q_bound_90_degrees_off(model, chi2_ref):
+    """Nearly round galaxies (q 0.85-0.95) started on q = 1 with pa 90° away from the truth:
+    the data then want q > 1, which the bound forbids; the fitter must turn the ellipse
+    (pa + 90°, q < 1) and reach the χ² minimum instead of stopping on the bound."""
+    mocks = sersic_mocks(BATCH, seed=31, q_range=(0.85, 0.95), re_range=(4.0, 12.0), perturb=False)
+    inits = [dict(m.truth, sersic_q=1.0, sersic_pa=(m.truth["sersic_pa"] + 180.0) % 180.0 - 90.0)
+             for m in mocks]
+    out = fit(model, [m.obs for m in mocks], init=inits, batch_size=BATCH)
+    gaps, dpa = [], []
+    for m, r in zip(mocks, table_rows(out)):
+        gaps.append(chi2_ref.chi2(m.obs, r) - chi2_ref.minimum(m.obs, m.truth)[0])
+        dpa.append((r["sersic_pa"] - m.truth["sersic_pa"] + 90.0) % 180.0 - 90.0)
+    print(f"\nchi2 - min: {np.round(gaps, 3).tolist()}; pa - truth: {np.round(dpa, 1).tolist()}; "
+          f"q: {np.round(out.table['sersic_q'], 3).tolist()}")
+    assert max(gaps) <= CHI2_TOL
+    assert np.all(np.abs(dpa) < 25.0)          # not 90° off (pa errors are large near q = 1)
+    assert np.all(np.asarray(out.table["sersic_q"]) < 0.99)
+
+
 def test_duplicate_ids_are_not_merged(model, general):
     mocks = general[:BATCH]
     obs = [m.obs for m in mocks]

@@ -110,9 +110,10 @@ BOUND_MARGIN = 1e-5
 def values_into_bounds(model: Model, batch: GalaxyArrays, values) -> np.ndarray:
     """Free values moved where numpyro's unconstrain map is finite.
 
-    * Angles are shifted by multiples of 180° into each galaxy's bounds:
-      :func:`~galbayes.inference.map.fit_map` reports them wrapped into [-90°, 90°), but a
-      galaxy's pa bounds are ``init ± 90°``. An ellipse is symmetric under 180°.
+    * Angles are shifted by a multiple of 180° to the equivalent angle nearest the middle of
+      each galaxy's bounds: :func:`~galbayes.inference.map.fit_map` reports them wrapped
+      into [-90°, 90°), but a galaxy's pa bounds are ``init ± 180°`` by default. An ellipse
+      is symmetric under 180°.
     * A value on (or, by float32 rounding, just beyond) a bound is moved
       :data:`BOUND_MARGIN` of the prior range inside it; such galaxies are flagged "at prior
       bound" by :func:`laplace_errors`.
@@ -123,9 +124,9 @@ def values_into_bounds(model: Model, batch: GalaxyArrays, values) -> np.ndarray:
         e = model.entries[i]
         v = values[..., i]
         if e.spec.angle:
-            k = np.ceil((lo[..., j] - v) / 180.0)          # smallest shift putting v above lo
-            v2 = v + 180.0 * k
-            v = np.where(np.isfinite(v2) & (v2 <= hi[..., j]), v2, v)
+            mid = 0.5 * (lo[..., j] + hi[..., j])
+            v2 = mid + np.mod(v - mid + 90.0, 180.0) - 90.0    # in [mid - 90, mid + 90)
+            v = np.where(np.isfinite(v2) & (v2 >= lo[..., j]) & (v2 <= hi[..., j]), v2, v)
         if e.param.prior is None:
             if e.log:
                 a, b = np.log10(lo[..., j]), np.log10(hi[..., j])

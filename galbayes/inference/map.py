@@ -177,7 +177,8 @@ def _axis_flip(model: Model, gal: GalaxyArrays, values):
         iq, ipa = model.free[jq], model.free[jpa]
         lo_q, hi_q, lo_a, hi_a = gal.lo[jq], gal.hi[jq], gal.lo[jpa], gal.hi[jpa]
         on_bound = (hi_q >= 0.999) & (values[iq] > hi_q - 2e-3 * (hi_q - lo_q)) & (hi_a - lo_a >= 179.9)
-        pa = lo_a + jnp.mod(values[ipa] + 90.0 - lo_a, 180.0)
+        mid = 0.5 * (lo_a + hi_a)
+        pa = mid + jnp.mod(values[ipa] + 90.0 - mid + 90.0, 180.0) - 90.0   # nearest the middle
         pa = jnp.clip(pa, lo_a + 1e-4 * (hi_a - lo_a), hi_a - 1e-4 * (hi_a - lo_a))
         q = jnp.clip(_FLIP_Q, lo_q + 1e-3 * (hi_q - lo_q), hi_q)
         values = jnp.where(on_bound, values.at[iq].set(q).at[ipa].set(pa), values)

@@ -337,7 +337,7 @@ def _diagnostics(model, vals, chains):
     ess = np.full((n_gal, len(free)), np.nan)
     for j in range(n_gal):
         for s, i in enumerate(free):
-            x = vals[j, :, :, i]    # angles are sampled inside init ± 90°: no wrapping
+            x = vals[j, :, :, i]    # angles sampled near the MAP inside their bounds: no wrapping
             if not np.all(np.isfinite(x)):
                 continue
             if chains >= 2:
