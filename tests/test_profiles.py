@@ -10,7 +10,7 @@ import pytest
 from scipy import integrate, special
 
 import galbayes as gb
-from _helpers import ZP, flux_of, galsim_draw, render_single
+from _helpers import flux_of, galsim_draw, render_single
 
 MAG = 18.0
 SMALL, LARGE = (32, 36), (72, 80)  # (ny, nx): non-square catches x/y swaps

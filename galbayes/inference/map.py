@@ -265,7 +265,9 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
 
     def flipped(x):
         values, need = _axis_flip(model, gal, to_values(x))
-        return to_x(values), need
+        # only the turned coordinates are replaced: a round trip through the bounded
+        # transform in float32 would move saturated coordinates of the others
+        return jnp.where(is_pair, to_x(values), x), need
 
     n = flat0.shape[0]
     eye = jnp.eye(n)
@@ -276,6 +278,9 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
     lo_s = jnp.where(is_log, jnp.log10(jnp.maximum(gal.lo[jnp.asarray(order)], 1e-30)), gal.lo[jnp.asarray(order)])
     hi_s = jnp.where(is_log, jnp.log10(jnp.maximum(gal.hi[jnp.asarray(order)], 1e-30)), gal.hi[jnp.asarray(order)])
     site_keys = [_site_name(model, j) for j in order]
+    is_angle = jnp.asarray([model.entries[model.free[j]].spec.angle for j in order])
+    pair_coords = {c for pair in model.axis_ratio_pairs for c in pair}
+    is_pair = jnp.asarray([j in pair_coords for j in order])
 
     def active_bounds(x, grad):
         """Coordinates on a bound (within 1e-3 of the prior range) that the gradient pushes
@@ -326,7 +331,7 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
         rho = gain / jnp.maximum(predicted, 1e-30)
         accept = ~at_min & jnp.isfinite(gain) & (gain > 0)
         if has_angles:
-            x_new = jnp.where(accept, to_x(_recentre_angles(model, gal, to_values(x_new))), x_new)
+            x_new = jnp.where(accept & is_angle, to_x(_recentre_angles(model, gal, to_values(x_new))), x_new)
         x = jnp.where(accept, x_new, x)
         f = 0.5 * jnp.sum(r * r) + p0 - jnp.where(accept, gain, 0.0)
         lam_ok = lam * jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * jnp.clip(rho, 0.0, 1.0) - 1.0) ** 3)
