@@ -173,6 +173,13 @@ class Model:
                 raise ModelError(f"{e.key}: bounds {b} must be > 0 for a log-sampled parameter")
 
     @property
+    def site_names(self) -> list:
+        """numpyro sample-site name of each free parameter, in free order (``<key>_log10``
+        for log-sampled parameters without a user prior)."""
+        return [self.entries[i].key + "_log10" if self.entries[i].log and self.entries[i].param.prior is None
+                else self.entries[i].key for i in self.free]
+
+    @property
     def axis_ratio_pairs(self) -> list:
         """``(free position of q, free position of pa)`` of every ellipse whose axis ratio
         ``q`` and position angle ``pa`` are both free and owned by the same components.

@@ -166,6 +166,12 @@ def _objective_parts(model: Model, gal: GalaxyArrays):
 _FLIP_Q = 0.97          # restart axis ratio after a fit ended on q = 1 (see _axis_flip)
 
 
+def _nearest_middle(angle, lo, hi):
+    """The angle ± k·180° (the same ellipse) in [mid − 90°, mid + 90°), mid = (lo + hi)/2."""
+    mid = 0.5 * (lo + hi)
+    return mid + jnp.mod(angle - mid + 90.0, 180.0) - 90.0
+
+
 def _axis_flip(model: Model, gal: GalaxyArrays, values):
     """Values with every ellipse that ended on its upper axis-ratio bound q = 1 turned by
     90° and started again at q = 0.97, and whether any was.
@@ -180,19 +186,12 @@ def _axis_flip(model: Model, gal: GalaxyArrays, values):
         iq, ipa = model.free[jq], model.free[jpa]
         lo_q, hi_q, lo_a, hi_a = gal.lo[jq], gal.hi[jq], gal.lo[jpa], gal.hi[jpa]
         on_bound = (hi_q >= 0.999) & (values[iq] > hi_q - 2e-3 * (hi_q - lo_q)) & (hi_a - lo_a >= 179.9)
-        mid = 0.5 * (lo_a + hi_a)
-        pa = mid + jnp.mod(values[ipa] + 90.0 - mid + 90.0, 180.0) - 90.0   # nearest the middle
-        pa = jnp.clip(pa, lo_a + 1e-4 * (hi_a - lo_a), hi_a - 1e-4 * (hi_a - lo_a))
+        pa = jnp.clip(_nearest_middle(values[ipa] + 90.0, lo_a, hi_a),
+                      lo_a + 1e-4 * (hi_a - lo_a), hi_a - 1e-4 * (hi_a - lo_a))
         q = jnp.clip(_FLIP_Q, lo_q + 1e-3 * (hi_q - lo_q), hi_q)
         values = jnp.where(on_bound, values.at[iq].set(q).at[ipa].set(pa), values)
         need = need | on_bound
     return values, need
-
-
-def _site_name(model: Model, j: int) -> str:
-    """numpyro sample-site name of free parameter ``j``."""
-    e = model.entries[model.free[j]]
-    return e.key + "_log10" if e.log and e.param.prior is None else e.key
 
 
 def _recentre_angles(model: Model, gal: GalaxyArrays, values):
@@ -203,9 +202,7 @@ def _recentre_angles(model: Model, gal: GalaxyArrays, values):
         if not model.entries[i].spec.angle:
             continue
         lo, hi = gal.lo[j], gal.hi[j]
-        mid = 0.5 * (lo + hi)
-        wrapped = mid + jnp.mod(values[i] - mid + 90.0, 180.0) - 90.0
-        values = values.at[i].set(jnp.where(hi - lo >= 359.9, wrapped, values[i]))
+        values = values.at[i].set(jnp.where(hi - lo >= 359.9, _nearest_middle(values[i], lo, hi), values[i]))
     return values
 
 
@@ -273,11 +270,12 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
     eye = jnp.eye(n)
     can_flip = bool(model.axis_ratio_pairs)
     # Site bounds in the flat order of x (sorted site names), for the bound test below.
-    order = sorted(range(model.n_free), key=lambda j: _site_name(model, j))
-    is_log = jnp.asarray([_site_name(model, j).endswith("_log10") for j in order])
+    names = model.site_names
+    order = sorted(range(model.n_free), key=lambda j: names[j])
+    site_keys = [names[j] for j in order]
+    is_log = jnp.asarray([k.endswith("_log10") for k in site_keys])
     lo_s = jnp.where(is_log, jnp.log10(jnp.maximum(gal.lo[jnp.asarray(order)], 1e-30)), gal.lo[jnp.asarray(order)])
     hi_s = jnp.where(is_log, jnp.log10(jnp.maximum(gal.hi[jnp.asarray(order)], 1e-30)), gal.hi[jnp.asarray(order)])
-    site_keys = [_site_name(model, j) for j in order]
     is_angle = jnp.asarray([model.entries[model.free[j]].spec.angle for j in order])
     pair_coords = {c for pair in model.axis_ratio_pairs for c in pair}
     is_pair = jnp.asarray([j in pair_coords for j in order])

@@ -129,11 +129,7 @@ class NutsResult(NamedTuple):
 
 def _site_names(model: Model) -> list:
     """Latent sample-site names in flattening order (sorted, as a dict pytree flattens)."""
-    names = []
-    for i in model.free:
-        e = model.entries[i]
-        names.append(e.key + "_log10" if e.log and e.param.prior is None else e.key)
-    return sorted(names)
+    return sorted(model.site_names)
 
 
 def _program(model: Model, likelihood: str, chains: int, draws: int, warmup: int,
