@@ -102,16 +102,18 @@ def _fan_nodes():
     edges (A, B). Each triangle is integrated in polar angle φ about P (measured from the
     foot of the perpendicular from P to the edge) and radius r = L(φ) u^6, L = h / cos φ,
     so the integrand is smooth even when P is a cusp and when P lies next to the edge.
-    Returns edge starts (4, 2), edge vectors (4, 2) and flattened (u, t, w_u·w_t) nodes.
+    Returns edge starts (4, 2), edge vectors (4, 2), the radial nodes u^6 (16, 1), the
+    angular nodes t (12,) and the weights w_u·w_t·(r dr factor) (16, 12): the angular
+    geometry (trigonometry) is computed once per angular node, not once per (u, t) pair.
     """
     corners = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
     e = np.roll(corners, -1, axis=0) - corners
-    u, t = np.meshgrid(_FAN_U, _FAN_T, indexing="ij")
+    u = np.broadcast_to(_FAN_U[:, None], (len(_FAN_U), len(_FAN_T)))
     wu, wt = np.meshgrid(_FAN_WU, _FAN_WT, indexing="ij")
     # r dr = L² u^p · p u^(p-1) du
     w = wu * wt * _FAN_POWER * u ** (2 * _FAN_POWER - 1)
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
-    return f32(corners), f32(e), f32((u**_FAN_POWER).ravel()), f32(t.ravel()), f32(w.ravel())
+    return f32(corners), f32(e), f32(_FAN_U[:, None] ** _FAN_POWER), f32(_FAN_T), f32(w)
 
 
 _FAN = _fan_nodes()
@@ -127,26 +129,26 @@ def fan_block(fn, grid: Grid, xc, yc, *, size: int, shape):
     a, e, s, t, w = _FAN
     pcy, pcx = jnp.meshgrid(jnp.arange(size_y, dtype=jnp.float32) + row0.astype(jnp.float32),
                             jnp.arange(size_x, dtype=jnp.float32) + col0.astype(jnp.float32), indexing="ij")
-    px = (xc - pcx)[..., None, None]                      # apex, pixel-centred: (sy, sx, 1, 1)
-    py = (yc - pcy)[..., None, None]
-    ax, ay = a[:, 0][:, None], a[:, 1][:, None]           # (4, 1)
-    ux, uy = e[:, 0][:, None], e[:, 1][:, None]           # unit edge vectors (edges have length 1)
+    px = (xc - pcx)[..., None, None, None]                # apex, pixel-centred: (sy, sx, 1, 1, 1)
+    py = (yc - pcy)[..., None, None, None]
+    ax, ay = a[:, 0][:, None, None], a[:, 1][:, None, None]   # (4, 1, 1): edges
+    ux, uy = e[:, 0][:, None, None], e[:, 1][:, None, None]   # unit edge vectors (length 1)
     h = (ax - px) * uy - (ay - py) * ux                   # signed distance P → edge line
     hs = jnp.where(jnp.abs(h) < 1e-7, 1e-7, jnp.abs(h))
     tau_a = (ax - px) * ux + (ay - py) * uy               # A's position along the edge from the foot
     phi_a = jnp.arctan2(tau_a, hs)
     phi_b = jnp.arctan2(tau_a + 1.0, hs)
-    phi = phi_a + (phi_b - phi_a) * t                     # (sy, sx, 4, K)
+    phi = phi_a + (phi_b - phi_a) * t                     # (sy, sx, 4, 1, T)
     length = hs / jnp.cos(phi)
     sign = jnp.sign(h)
     # direction at angle φ from the normal (uy, −ux) towards the edge line
     dir_x = sign * jnp.cos(phi) * uy + jnp.sin(phi) * ux
     dir_y = -sign * jnp.cos(phi) * ux + jnp.sin(phi) * uy
-    r = length * s
-    xs = px + pcx[..., None, None] + r * dir_x
-    ys = py + pcy[..., None, None] + r * dir_y
+    r = length * s                                        # (sy, sx, 4, U, T)
+    xs = px + pcx[..., None, None, None] + r * dir_x
+    ys = py + pcy[..., None, None, None] + r * dir_y
     vals = fn(Grid(xs, ys, grid.x0, grid.y0))
-    block = jnp.sum(vals * w * length**2 * (phi_b - phi_a) * sign, axis=(-2, -1))
+    block = jnp.sum(vals * w * (length**2 * (phi_b - phi_a) * sign), axis=(-3, -2, -1))
     return block, row0, col0
 
 

@@ -363,8 +363,9 @@ class Model:
         prof = self.profiles[comp.name]
         return prof.convolve if comp.convolve is None else bool(comp.convolve)
 
-    def _render_parts(self, values, gal: GalaxyArrays):
-        """(sum of components to convolve, Fourier point-source term, unconvolved sum)."""
+    def render_parts(self, values, gal: GalaxyArrays):
+        """(sum of components to convolve, Fourier point-source term, unconvolved sum); each
+        is ``None`` when the model has no such component. :meth:`render` combines them."""
         shape = gal.image.shape
         grid = pixel_grid(shape)
         pv = self.component_values(values, gal)
@@ -391,7 +392,7 @@ class Model:
 
     def render(self, values, gal: GalaxyArrays):
         """The model image M = PSF ⊛ Σ convolved components + Σ unconvolved ones."""
-        conv, point_hat, direct = self._render_parts(values, gal)
+        conv, point_hat, direct = self.render_parts(values, gal)
         out = jnp.zeros(gal.image.shape, jnp.float32)
         if conv is not None or point_hat is not None:
             base = conv if conv is not None else jnp.zeros(gal.image.shape, jnp.float32)
