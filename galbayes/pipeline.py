@@ -107,7 +107,7 @@ def _with_errors(model, batch, res, errors, options=None):
     if method == "bootstrap":
         est = bootstrap_errors(model, batch, res.values, options=options)
     else:
-        est = laplace_errors(model, batch, res.values, method="hessian" if method == "laplace" else "jacobian")
+        est = laplace_errors(model, batch, res, method="hessian" if method == "laplace" else "jacobian")
     out = _MapWithErrors(*res)
     out.err, out.cov, out.err_flags, out.err_method = est.errors, est.covariance, est.flags, method
     return out

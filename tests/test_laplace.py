@@ -396,3 +396,44 @@ def test_hessian_equals_autodiff_of_numpyro_potential(recipe, oversample):
           "(unit-diagonal scale)")
     assert gn_err > 1e-2
     assert err < 1e-3
+
+
+def test_reusing_the_fits_gauss_newton_matrix_gives_the_same_errors():
+    """laplace_errors(model, batch, fit) reuses the LM's last JᵀJ (computed at the point it
+    returns); the errors must be those of a fresh computation from the values, also for a
+    fit that ends on a bound (n pushed to its upper bound) and for values changed after the
+    fit (which must not reuse the fit's matrix)."""
+    cal = calibration()
+    idx = np.arange(24)
+    sub = jax_sub(cal.batch, idx)
+    # the first 4 realisations with an upper bound on n below the truth: the fit ends there
+    lo, hi = np.array(sub.lo), np.array(sub.hi)
+    jn = cal.model.free.index(cal.model.keys.index("sersic_n"))
+    hi[:4, jn] = 2.2
+    v0 = np.array(sub.values0)
+    v0[:4, cal.model.keys.index("sersic_n")] = 2.0
+    sub = sub._replace(lo=lo, hi=hi, values0=v0)
+    fit = fit_map(cal.model, sub, max_iter=0)
+    assert np.allclose(fit.values[:4, cal.model.keys.index("sersic_n")], 2.2, rtol=2e-3)
+    assert fit.gauss_newton.shape == (len(idx), cal.model.n_free, cal.model.n_free)
+    fresh = laplace_errors(cal.model, sub, fit.values)
+    reused = laplace_errors(cal.model, sub, fit)
+    free = np.asarray(cal.model.free)
+    rel = np.abs(reused.errors[:, free] / fresh.errors[:, free] - 1.0)
+    print(f"\nreused / fresh - 1: max {rel.max():.1e}; flags of the bound fits: {reused.flags[:1]}")
+    assert reused.flags == fresh.flags
+    assert all("at prior bound: sersic_n" in f for f in reused.flags[:4])
+    assert rel.max() < 1e-3
+    # values moved after the fit: the fit's JᵀJ is not used for them
+    moved = fit.values.copy()
+    moved[5, cal.model.keys.index("sersic_re")] *= 1.3
+    changed = fit._replace(values=moved)
+    a = laplace_errors(cal.model, sub, changed).errors[5, free]
+    b = laplace_errors(cal.model, sub, moved).errors[5, free]
+    assert np.allclose(a, b, rtol=1e-3)
+    assert not np.allclose(a, fresh.errors[5, free], rtol=1e-2)
+
+
+def jax_sub(batch, idx):
+    import jax
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], batch)

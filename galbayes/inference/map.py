@@ -118,6 +118,12 @@ class MapResult(NamedTuple):
     converged: np.ndarray  # (B,) bool
     n_svi: np.ndarray      # (B,)
     n_lm: np.ndarray       # (B,)
+    #: (B, S) the final point in numpyro's unconstrained coordinates (flattened sample sites
+    #: in sorted name order), where the LM evaluated ``gauss_newton``
+    unconstrained: np.ndarray | None = None
+    #: (B, S, S) JᵀJ of the whitened residuals w.r.t. those coordinates at that point (the
+    #: LM's last Jacobian; NaN without the LM polish). laplace_errors reuses it.
+    gauss_newton: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- one galaxy
@@ -206,6 +212,14 @@ def _recentre_angles(model: Model, gal: GalaxyArrays, values):
     return values
 
 
+#: Fraction of a bounded parameter's prior range (of its log10 range for log-sampled ones)
+#: that LM iterates, and the points Laplace evaluates, keep from the bounds: numpyro's
+#: unconstrained coordinate is finite there and its bounded transform not saturated.
+BOUND_MARGIN = 1e-5
+#: A coordinate within this fraction of its range from a bound, pushed outwards by the
+#: gradient, is held there by the LM (and its fit is flagged "at prior bound" by Laplace).
+BOUND_TOL = 1e-3
+
 #: Largest LM step (max norm) in numpyro's unconstrained coordinates: about a third of a
 #: bounded parameter's range near its middle. Weakly constrained directions (the pa of a
 #: nearly round galaxy) otherwise get Gauss–Newton steps far into the saturated tails of
@@ -243,6 +257,12 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
     A galaxy that stops with an ellipse on q = 1 is restarted once from q = 0.97 at pa + 90°
     (:func:`_axis_flip`), in the same loop and iteration budget; the better of the two ends
     (by the objective) is kept.
+
+    Each iteration linearises the residuals once, at the trial point (one forward pass per
+    free parameter gives r, JᵀJ and Jᵀr there); an accepted trial carries them to the next
+    iteration. So the loop returns, besides the point, the Gauss–Newton matrix JᵀJ *at*
+    that point, which :func:`~galbayes.inference.laplace.laplace_errors` reuses. Trial points
+    are projected :data:`BOUND_MARGIN` inside the bounds.
     """
     constrained, residuals, neg_log_prior = _objective_parts(model, gal)
     flat0, unravel = jax.flatten_util.ravel_pytree(z0)
@@ -277,18 +297,41 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
     lo_s = jnp.where(is_log, jnp.log10(jnp.maximum(gal.lo[jnp.asarray(order)], 1e-30)), gal.lo[jnp.asarray(order)])
     hi_s = jnp.where(is_log, jnp.log10(jnp.maximum(gal.hi[jnp.asarray(order)], 1e-30)), gal.hi[jnp.asarray(order)])
     is_angle = jnp.asarray([model.entries[model.free[j]].spec.angle for j in order])
+    bounded = jnp.asarray([model.entries[model.free[j]].param.prior is None for j in order])
     pair_coords = {c for pair in model.axis_ratio_pairs for c in pair}
     is_pair = jnp.asarray([j in pair_coords for j in order])
+    has_angles = any(model.entries[i].spec.angle for i in model.free)
+
+    def sites_of(x):
+        sites = constrained(unravel(x))
+        return jnp.stack([sites[k] for k in site_keys])
+
+    def into_box(x):
+        """Trial point projected into the bounds less BOUND_MARGIN of the range (and angles
+        recentred): the fit never ends where the bounded transform saturates, so its final
+        point is where Laplace evaluates (laplace.values_into_bounds changes nothing)."""
+        s = sites_of(x)
+        m = BOUND_MARGIN * (hi_s - lo_s)
+        outside = bounded & ((s < lo_s + m) | (s > hi_s - m))
+        clipped = jnp.where(outside, jnp.clip(s, lo_s + m, hi_s - m), s)
+        sites = {k: clipped[j] for j, k in enumerate(site_keys)}
+        x_box = jax.flatten_util.ravel_pytree(sites_to_z(sites))[0]
+        x = jnp.where(outside, x_box, x)
+        if has_angles:
+            x = jnp.where(is_angle, to_x(_recentre_angles(model, gal, to_values(x))), x)
+        return x
+
+    def sites_to_z(sites):
+        return unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, sites)
 
     def active_bounds(x, grad):
         """Coordinates on a bound (within 1e-3 of the prior range) that the gradient pushes
         further out: a bounded transform's z then runs to infinity with a gain that shrinks
         but a Newton decrement that does not (g_z²/h_z is the same in the bounded variable),
         so they are left out of the convergence test."""
-        sites = constrained(unravel(x))
-        s = jnp.stack([sites[k] for k in site_keys])
-        tol = 1e-3 * (hi_s - lo_s)
-        deep = 1e-5 * (hi_s - lo_s)     # so saturated that the gradient's sign is rounding noise
+        s = sites_of(x)
+        tol = BOUND_TOL * (hi_s - lo_s)
+        deep = 2 * BOUND_MARGIN * (hi_s - lo_s)     # on the margin: the gradient's sign is noise
         active = (((s < lo_s + tol) & (grad > 0)) | ((s > hi_s - tol) & (grad < 0))
                   | (s < lo_s + deep) | (s > hi_s - deep))
         # an ellipse held on q = 1 is round: its pa is undetermined (gradient and curvature
@@ -297,68 +340,93 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
             iq, ipa = order.index(jq), order.index(jpa)
             active = active.at[ipa].set(active[ipa] | (active[iq] & (s[iq] > hi_s[iq] - tol[iq])))
         return active
-    has_angles = any(model.entries[i].spec.angle for i in model.free)
+
+    def linearised(x):
+        """Residuals, JᵀJ and Jᵀr at x: one forward pass per free parameter."""
+        jac, r = jax.jacfwd(lambda y: (res(y), res(y)), has_aux=True)(x)
+        return r, jac.T @ jac, jac.T @ r
 
     def cond(c):
-        return (c[3] < opts.lm_iter) & ~c[5]
+        return (c.it < opts.lm_iter) & ~c.done
 
     def body(c):
-        x, lam, nu, it, _, _, phase, x_keep, f_keep, conv_keep = c
-        r = res(x)
-        jac = jax.jacfwd(res)(x)
-        p0 = prior(x)
-        grad = jac.T @ r + jax.grad(prior)(x)
-        hess = jac.T @ jac + jax.hessian(prior)(x)
+        p0 = prior(c.x)
+        grad = c.jtr + jax.grad(prior)(c.x)
+        hess = c.gn + jax.hessian(prior)(c.x)
         diag = jnp.maximum(jnp.diag(hess), 1e-12)
         # predicted gain of the (almost) undamped Gauss–Newton step, over the coordinates
         # not held by a bound
-        keep = ~active_bounds(x, grad)
+        keep = ~active_bounds(c.x, grad)
         h_in = jnp.where(keep[:, None] & keep[None, :], hess, 0.0) + jnp.diag(jnp.where(keep, 1e-6 * diag, 1.0))
         g_in = jnp.where(keep, grad, 0.0)
         decrement = 0.5 * jnp.dot(g_in, jnp.linalg.solve(h_in, g_in))
-        at_min = jnp.isfinite(decrement) & (decrement < opts.lm_ftol)
+        at_min = ~c.pending & jnp.isfinite(decrement) & (decrement < opts.lm_ftol)
         # projected LM step: coordinates held by a bound stay put (else their runaway
         # component, capped below, would shrink everyone's step)
-        step = jnp.linalg.solve(h_in + jnp.diag(jnp.where(keep, lam * diag, 0.0)) + 1e-12 * eye, -g_in)
+        step = jnp.linalg.solve(h_in + jnp.diag(jnp.where(keep, c.lam * diag, 0.0)) + 1e-12 * eye, -g_in)
         step = jnp.where(jnp.all(jnp.isfinite(step)), step, jnp.zeros_like(step))
         step = step * jnp.minimum(1.0, _MAX_STEP / jnp.maximum(jnp.max(jnp.abs(step)), 1e-30))
-        x_new = x + step
-        r_new = res(x_new)
-        gain = -(0.5 * jnp.sum((r_new - r) * (r_new + r)) + (prior(x_new) - p0))
+        # the trial point: the step, or (first iteration after a q-flip) the flipped start
+        x_try = jnp.where(c.pending, c.x_alt, into_box(c.x + step))
+        r_try, gn_try, jtr_try = linearised(x_try)
+        gain = -(0.5 * jnp.sum((r_try - c.r) * (r_try + c.r)) + (prior(x_try) - p0))
         predicted = -(jnp.dot(grad, step) + 0.5 * step @ hess @ step)
         rho = gain / jnp.maximum(predicted, 1e-30)
-        accept = ~at_min & jnp.isfinite(gain) & (gain > 0)
-        if has_angles:
-            x_new = jnp.where(accept & is_angle, to_x(_recentre_angles(model, gal, to_values(x_new))), x_new)
-        x = jnp.where(accept, x_new, x)
-        f = 0.5 * jnp.sum(r * r) + p0 - jnp.where(accept, gain, 0.0)
-        lam_ok = lam * jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * jnp.clip(rho, 0.0, 1.0) - 1.0) ** 3)
-        lam = jnp.clip(jnp.where(accept, lam_ok, lam * nu), 1e-9, 1e8)
-        nu = jnp.where(accept, 2.0, nu * 2.0)
-        stalled = ~at_min & ~accept & (lam >= 1e7)
+        accept = c.pending | (~at_min & jnp.isfinite(gain) & (gain > 0))
+        sel = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
+        x, r, gn, jtr = sel(x_try, c.x), sel(r_try, c.r), sel(gn_try, c.gn), sel(jtr_try, c.jtr)
+        lam_ok = c.lam * jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * jnp.clip(rho, 0.0, 1.0) - 1.0) ** 3)
+        lam = jnp.clip(jnp.where(accept, lam_ok, c.lam * c.nu), 1e-9, 1e8)
+        nu = jnp.where(accept, 2.0, c.nu * 2.0)
+        lam, nu = jnp.where(c.pending, 1e-3, lam), jnp.where(c.pending, 2.0, nu)
+        stalled = ~c.pending & ~at_min & ~accept & (lam >= 1e7)
         done = at_min | stalled
+        c = c._replace(x=x, r=r, gn=gn, jtr=jtr, lam=lam, nu=nu, it=c.it + 1, converged=done,
+                       done=done, pending=jnp.bool_(False))
         if can_flip:
             x_alt, need = flipped(x)
-            restart = done & (phase == 0) & need
-            x_keep = jnp.where(restart, x, x_keep)
-            f_keep = jnp.where(restart, f, f_keep)
-            conv_keep = jnp.where(restart, done, conv_keep)
-            x = jnp.where(restart, x_alt, x)
-            lam = jnp.where(restart, 1e-3, lam)
-            nu = jnp.where(restart, 2.0, nu)
-            phase = jnp.where(restart, 1, phase)
-            done = done & ~restart
-        return x, lam, nu, it + 1, at_min | stalled, done, phase, x_keep, f_keep, conv_keep
+            restart = done & (c.phase == 0) & need
+            keep_old = lambda new, old: jnp.where(restart, new, old)  # noqa: E731
+            c = c._replace(x_keep=keep_old(x, c.x_keep), gn_keep=keep_old(gn, c.gn_keep),
+                           f_keep=keep_old(0.5 * jnp.sum(r * r) + prior(x), c.f_keep),
+                           conv_keep=keep_old(done, c.conv_keep), x_alt=keep_old(x_alt, c.x_alt),
+                           pending=restart, phase=jnp.where(restart, 1, c.phase), done=done & ~restart)
+        return c
 
-    init = (flat0, jnp.float32(1e-3), jnp.float32(2.0), jnp.int32(0), jnp.bool_(False), jnp.bool_(False),
-            jnp.int32(0), flat0, jnp.float32(jnp.inf), jnp.bool_(False))
-    x, _, _, it, converged, _, phase, x_keep, f_keep, conv_keep = jax.lax.while_loop(cond, body, init)
+    flat0 = into_box(flat0)
+    r0, gn0, jtr0 = linearised(flat0)
+    init = _LMState(x=flat0, r=r0, gn=gn0, jtr=jtr0, lam=jnp.float32(1e-3), nu=jnp.float32(2.0),
+                    it=jnp.int32(0), converged=jnp.bool_(False), done=jnp.bool_(False),
+                    pending=jnp.bool_(False), x_alt=flat0, phase=jnp.int32(0), x_keep=flat0,
+                    gn_keep=gn0, f_keep=jnp.float32(jnp.inf), conv_keep=jnp.bool_(False))
+    c = jax.lax.while_loop(cond, body, init)
+    x, gn, converged = c.x, c.gn, c.converged
     if can_flip:
-        r = res(x)
-        better = (0.5 * jnp.sum(r * r) + prior(x)) < f_keep     # f_keep = inf unless restarted
-        x = jnp.where(better, x, x_keep)
-        converged = jnp.where(better, converged, conv_keep)
-    return unravel(x), it, converged
+        better = (0.5 * jnp.sum(c.r * c.r) + prior(x)) < c.f_keep     # f_keep = inf unless restarted
+        x, gn = jnp.where(better, x, c.x_keep), jnp.where(better, gn, c.gn_keep)
+        converged = jnp.where(better, converged, c.conv_keep)
+    return unravel(x), c.it, converged, gn
+
+
+class _LMState(NamedTuple):
+    """Levenberg–Marquardt loop state of one galaxy (r, JᵀJ, Jᵀr always belong to x)."""
+
+    x: jnp.ndarray          # current point (flat unconstrained coordinates)
+    r: jnp.ndarray          # whitened residuals at x
+    gn: jnp.ndarray         # JᵀJ at x
+    jtr: jnp.ndarray        # Jᵀr at x
+    lam: jnp.ndarray        # damping
+    nu: jnp.ndarray         # damping growth factor
+    it: jnp.ndarray
+    converged: jnp.ndarray  # the last test: gradient test passed or stalled
+    done: jnp.ndarray
+    pending: jnp.ndarray    # next trial point is x_alt (the q-flip restart)
+    x_alt: jnp.ndarray
+    phase: jnp.ndarray      # 1 after the q-flip restart
+    x_keep: jnp.ndarray     # the end before the restart, its JᵀJ, objective and test
+    gn_keep: jnp.ndarray
+    f_keep: jnp.ndarray
+    conv_keep: jnp.ndarray
 
 
 def _fit_one(model: Model, opts: MapOptions, gal: GalaxyArrays, key):
@@ -369,18 +437,25 @@ def _fit_one(model: Model, opts: MapOptions, gal: GalaxyArrays, key):
                            model.site_values(gal.values0, gal))
         n_svi = jnp.int32(0)
     if opts.polish == "lm":
-        z, n_lm, done = _lm_stage(model, gal, z, opts)
+        z, n_lm, done, gn = _lm_stage(model, gal, z, opts)
     else:
         n_lm, done = jnp.int32(0), n_svi < opts.max_iter
+        gn = jnp.full((model.n_free, model.n_free), jnp.nan, jnp.float32)
+    flat = jax.flatten_util.ravel_pytree(z)[0]
     sites = constrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, z)
     values = model.values_from_sites(sites, gal)
-    # float32 rounding of the bijection can land on, or one ulp beyond, a bound; keep the
-    # MAP strictly inside so that refits (bootstrap), Laplace and NUTS can start from it.
+    # float32 rounding of the bijection can land on, or one ulp beyond, a bound (SVI without
+    # the LM, whose iterates keep BOUND_MARGIN); keep the MAP strictly inside so that refits
+    # (bootstrap), Laplace and NUTS can start from it. Log-sampled entries in log10.
     free = jnp.asarray(model.free)
-    margin = 1e-6 * (gal.hi - gal.lo)
-    values = values.at[free].set(jnp.clip(values[free], gal.lo + margin, gal.hi - margin))
+    is_log = jnp.asarray([model.entries[i].log and model.entries[i].param.prior is None for i in model.free])
+    log_or = lambda v: jnp.where(is_log, jnp.log10(jnp.maximum(v, 1e-30)), v)  # noqa: E731
+    lo, hi, v = log_or(gal.lo), log_or(gal.hi), log_or(values[free])
+    margin = 0.1 * BOUND_MARGIN * (hi - lo)
+    inside = jnp.clip(v, lo + margin, hi - margin)
+    values = values.at[free].set(jnp.where(inside == v, values[free], jnp.where(is_log, 10.0**inside, inside)))
     c2 = model.chi2(values, gal)
-    return values, c2, model.loglike_from_chi2(c2, gal), n_svi, n_lm, done
+    return values, c2, model.loglike_from_chi2(c2, gal), n_svi, n_lm, done, flat, gn
 
 
 _COMPILED: dict = {}
@@ -418,7 +493,7 @@ def fit_map(model: Model, batch: GalaxyArrays, *, options: MapOptions | None = N
     # split over the galaxy axis (sharded inputs are kept); else plain device arrays.
     batch, keys, n = place_batch(batch, keys)
     out = data_parallel(_compiled(model, opts))(batch, keys)
-    values, c2, ll, n_svi, n_lm, done = (np.asarray(a)[:n] for a in out)
+    values, c2, ll, n_svi, n_lm, done, flat, gn = (np.asarray(a)[:n] for a in out)
     values = np.asarray(values, dtype=np.float64)
     finite = np.all(np.isfinite(values), axis=1) & np.isfinite(np.asarray(c2))
     return MapResult(
@@ -429,4 +504,6 @@ def fit_map(model: Model, batch: GalaxyArrays, *, options: MapOptions | None = N
         converged=np.asarray(done) & finite,
         n_svi=np.asarray(n_svi),
         n_lm=np.asarray(n_lm),
+        unconstrained=flat,
+        gauss_newton=gn,
     )
