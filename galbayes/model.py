@@ -173,11 +173,17 @@ class Model:
                 raise ModelError(f"{e.key}: bounds {b} must be > 0 for a log-sampled parameter")
 
     @property
+    def log_sampled(self) -> list:
+        """Per free parameter (free order): is it sampled as its log10 (a log parameter
+        without a user prior)?"""
+        return [self.entries[i].log and self.entries[i].param.prior is None for i in self.free]
+
+    @property
     def site_names(self) -> list:
         """numpyro sample-site name of each free parameter, in free order (``<key>_log10``
-        for log-sampled parameters without a user prior)."""
-        return [self.entries[i].key + "_log10" if self.entries[i].log and self.entries[i].param.prior is None
-                else self.entries[i].key for i in self.free]
+        for log-sampled parameters)."""
+        return [self.entries[i].key + "_log10" if log else self.entries[i].key
+                for i, log in zip(self.free, self.log_sampled)]
 
     @property
     def axis_ratio_pairs(self) -> list:

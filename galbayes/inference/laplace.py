@@ -208,22 +208,19 @@ def _one_hessian(model: Model, values, gal: GalaxyArrays, z_fit=None, gn_fit=Non
     """
     flat, unravel = _unconstrained(model, values, gal)
     to_values = _to_free_values(model, gal, unravel, free_only=False)
-    w = gal.weight / jnp.square(gal.sigma)
 
     def residuals(x):
-        return (jnp.sqrt(w) * (gal.image - model.render(to_values(x), gal))).reshape(-1)
+        return model.residuals(to_values(x), gal)
 
     if gn_fit is None:
         jac = jax.jacfwd(residuals)(flat)                               # (N, S)
         gauss_newton = jac.T @ jac
     else:
         gauss_newton = gn_fit
-    conv0, point0, _ = model.render_parts(to_values(flat), gal)
-    c = w * (gal.image - model.render(to_values(flat), gal))
-    u = None
-    if conv0 is not None:
-        u = jax.vjp(lambda a: convolve_fft(a, gal.psf_hat, gal.psf.shape), conv0)[1](c)[0]
+    # c = w (D − M) = √w ρ; u = Kᵀc (the convolution is linear: its adjoint is the vjp at 0)
+    c = jnp.sqrt(gal.weight) / gal.sigma * residuals(flat).reshape(gal.image.shape)
     zeros = jnp.zeros(gal.image.shape, jnp.float32)
+    u = jax.vjp(lambda a: convolve_fft(a, gal.psf_hat, gal.psf.shape), zeros)[1](c)[0]
 
     def weighted_model(x):      # Σ c·M(x) with the convolution moved onto the weights
         conv, point_hat, direct = model.render_parts(to_values(x), gal)
@@ -439,7 +436,7 @@ def _assemble(model, batch, values, mats, jacs, method):
     cov = np.zeros((b, s, s))
     flags = []
     free = np.asarray(model.free)
-    log = [model.entries[i].log and model.entries[i].param.prior is None for i in model.free]
+    log = model.log_sampled
     zero_note = "no effect on the image" if method == "jacobian" else "zero curvature"
     for j in range(b):
         err, c, flag = invert_curvature(mats[j], None if method == "jacobian" else jacs[j],

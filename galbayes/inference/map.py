@@ -220,6 +220,12 @@ BOUND_MARGIN = 1e-5
 #: gradient, is held there by the LM (and its fit is flagged "at prior bound" by Laplace).
 BOUND_TOL = 1e-3
 
+def _sampled(model: Model, free_values):
+    """Free values (or bounds) in the coordinates numpyro samples: log10 for log-sampled ones."""
+    is_log = jnp.asarray(model.log_sampled)
+    return jnp.where(is_log, jnp.log10(jnp.maximum(free_values, 1e-30)), free_values)
+
+
 #: Largest LM step (max norm) in numpyro's unconstrained coordinates: about a third of a
 #: bounded parameter's range near its middle. Weakly constrained directions (the pa of a
 #: nearly round galaxy) otherwise get Gauss–Newton steps far into the saturated tails of
@@ -276,9 +282,12 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
     def to_values(x):
         return model.values_from_sites(constrained(unravel(x)), gal)
 
-    def to_x(values):
-        z = unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, model.site_values(values, gal))
+    def x_of_sites(sites):
+        z = unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, sites)
         return jax.flatten_util.ravel_pytree(z)[0]
+
+    def to_x(values):
+        return x_of_sites(model.site_values(values, gal))
 
     def flipped(x):
         values, need = _axis_flip(model, gal, to_values(x))
@@ -293,9 +302,8 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
     names = model.site_names
     order = sorted(range(model.n_free), key=lambda j: names[j])
     site_keys = [names[j] for j in order]
-    is_log = jnp.asarray([k.endswith("_log10") for k in site_keys])
-    lo_s = jnp.where(is_log, jnp.log10(jnp.maximum(gal.lo[jnp.asarray(order)], 1e-30)), gal.lo[jnp.asarray(order)])
-    hi_s = jnp.where(is_log, jnp.log10(jnp.maximum(gal.hi[jnp.asarray(order)], 1e-30)), gal.hi[jnp.asarray(order)])
+    lo_s = _sampled(model, gal.lo)[jnp.asarray(order)]
+    hi_s = _sampled(model, gal.hi)[jnp.asarray(order)]
     is_angle = jnp.asarray([model.entries[model.free[j]].spec.angle for j in order])
     bounded = jnp.asarray([model.entries[model.free[j]].param.prior is None for j in order])
     pair_coords = {c for pair in model.axis_ratio_pairs for c in pair}
@@ -314,15 +322,10 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
         m = BOUND_MARGIN * (hi_s - lo_s)
         outside = bounded & ((s < lo_s + m) | (s > hi_s - m))
         clipped = jnp.where(outside, jnp.clip(s, lo_s + m, hi_s - m), s)
-        sites = {k: clipped[j] for j, k in enumerate(site_keys)}
-        x_box = jax.flatten_util.ravel_pytree(sites_to_z(sites))[0]
-        x = jnp.where(outside, x_box, x)
+        x = jnp.where(outside, x_of_sites({k: clipped[j] for j, k in enumerate(site_keys)}), x)
         if has_angles:
             x = jnp.where(is_angle, to_x(_recentre_angles(model, gal, to_values(x))), x)
         return x
-
-    def sites_to_z(sites):
-        return unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, sites)
 
     def active_bounds(x, grad):
         """Coordinates on a bound (within 1e-3 of the prior range) that the gradient pushes
@@ -343,7 +346,10 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
 
     def linearised(x):
         """Residuals, JᵀJ and Jᵀr at x: one forward pass per free parameter."""
-        jac, r = jax.jacfwd(lambda y: (res(y), res(y)), has_aux=True)(x)
+        def with_value(y):
+            r = res(y)
+            return r, r
+        jac, r = jax.jacfwd(with_value, has_aux=True)(x)
         return r, jac.T @ jac, jac.T @ r
 
     def cond(c):
@@ -448,11 +454,10 @@ def _fit_one(model: Model, opts: MapOptions, gal: GalaxyArrays, key):
     # the LM, whose iterates keep BOUND_MARGIN); keep the MAP strictly inside so that refits
     # (bootstrap), Laplace and NUTS can start from it. Log-sampled entries in log10.
     free = jnp.asarray(model.free)
-    is_log = jnp.asarray([model.entries[i].log and model.entries[i].param.prior is None for i in model.free])
-    log_or = lambda v: jnp.where(is_log, jnp.log10(jnp.maximum(v, 1e-30)), v)  # noqa: E731
-    lo, hi, v = log_or(gal.lo), log_or(gal.hi), log_or(values[free])
+    lo, hi, v = _sampled(model, gal.lo), _sampled(model, gal.hi), _sampled(model, values[free])
     margin = 0.1 * BOUND_MARGIN * (hi - lo)
     inside = jnp.clip(v, lo + margin, hi - margin)
+    is_log = jnp.asarray(model.log_sampled)
     values = values.at[free].set(jnp.where(inside == v, values[free], jnp.where(is_log, 10.0**inside, inside)))
     c2 = model.chi2(values, gal)
     return values, c2, model.loglike_from_chi2(c2, gal), n_svi, n_lm, done, flat, gn
