@@ -180,12 +180,17 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    from .runner import EXIT_INTERRUPTED, RunInterrupted
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (CatalogError, ModelError, InputError) as exc:
         print(f"galbayes: error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:  # SIGINT/SIGTERM: stopped at a shard boundary
+        print(f"galbayes: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -69,8 +69,12 @@ def atomic_write(path, write) -> None:
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+            os.fsync(fh.fileno())  # a full disk may only show here (delayed allocation)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:  # name the file in the error (fsync/write errors carry none)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

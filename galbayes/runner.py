@@ -4,11 +4,14 @@ A catalog of N rows is cut into *shards* of ``shard_size`` consecutive rows (def
 ``8 × batch_size``). Each shard is loaded, fitted (in batches, grouped by image/PSF shape,
 exactly as :func:`galbayes.pipeline.fit_catalog` always did) and written atomically
 (temporary file, fsync, rename) to ``out_dir/shards/shard_00012.fits``: one result row per
-catalog row of the shard, plus the image blocks ``out_dir/blocks/<id>.fits``. After every
-shard the manifest ``out_dir/manifest.json`` is rewritten atomically with the run's
-fingerprint and the finished shards (file, rows, SHA-256). When all shards are done,
-``results.fits`` and ``results.csv`` are assembled from the shard files in input order,
-streaming (one shard in memory at a time).
+catalog row of the shard, plus the image blocks ``out_dir/blocks/<id>.fits``. The run's
+manifest ``out_dir/manifest.json`` (fingerprint, shard layout) is written atomically when the
+run starts and ends; each finished shard is committed by appending one checksummed JSON line
+(file, rows, SHA-256 of the shard file, fingerprint of its input files) to the journal
+``out_dir/manifest.jsonl``, fsynced: constant work per shard however long the catalog. When
+all shards are done, ``results.fits`` and ``results.csv`` are assembled from the shard files
+in input order, streaming (one shard in memory at a time), and the final manifest lists
+every shard.
 
 Durability
     ``resume=True`` skips the shards the manifest lists as finished (after checking their
@@ -20,11 +23,35 @@ Durability
     differ from the run recorded in the manifest. Without ``resume`` an existing run in
     ``out_dir`` is discarded and started afresh.
 
+Input files
+    Every shard records a fingerprint of the FITS files its rows read (image, σ, PSF,
+    mask): one SHA-256 over their (path, size, mtime_ns) and one over their (path, content
+    SHA-256), taken before the files are loaded. On resume a finished shard is kept only if
+    its files are unchanged: equal size and mtime_ns are taken as unchanged; otherwise the
+    contents decide (a file touched but not changed keeps its shard). A shard whose inputs
+    changed, appeared or vanished is **refitted** (with a warning naming it), never reused;
+    the other shards are kept. (Equal size and mtime_ns with different bytes, e.g. a copy
+    made with ``cp -p`` of a same-sized file, is not detected: delete that shard's file to
+    force a refit.)
+
+Faults
+    A full disk (ENOSPC/EDQUOT) or a read-only folder while writing a shard, a block, the
+    journal or the results stops the run with :class:`OutputError`: temporary files are
+    removed, the shard being written is not committed, and ``resume=True`` after freeing
+    space fits only the missing shards. A folder that cannot be written is refused before
+    the catalog is read. SIGINT/SIGTERM stop the run after the shard being fitted is
+    committed (:class:`RunInterrupted`; ``galbayes fit`` exits with code
+    :data:`EXIT_INTERRUPTED` = 75); a second signal stops at once. A damaged journal line,
+    a shard file whose SHA-256 differs from its record, or a shard of another run is refitted
+    with a warning; an unreadable manifest is a :class:`ResumeError`. One run at a time may
+    use a folder (:class:`_Lock`: ``flock`` plus a holder record pid/host/start time; a
+    lock left by a dead process is taken over with a warning).
+
 Memory
     Only the shard being fitted and the prefetched next one hold images; results go to
-    disk shard by shard. The validated catalog rows are kept as compressed pickles per shard
-    (tens of bytes a row); :func:`galbayes.catalog.read_catalog`, which validates the whole
-    catalog before any fitting, briefly needs ~1–2.5 kB a row while it reads the table.
+    disk shard by shard. The catalog is streamed (:class:`galbayes.catalog.Catalog`): it is
+    validated once before any fitting, keeping 8 bytes a row (id hashes, for the duplicate
+    check) and one offset per shard; each shard's rows are parsed again when it is loaded.
 
 Bad input
     Every catalog row gets exactly one result row whose ``status`` says what happened:
@@ -51,31 +78,42 @@ Determinism
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import inspect
 import io
 import json
 import os
 import re
+import signal
+import socket
+import sys
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .catalog import CatalogError, read_catalog
+from .catalog import CatalogError, open_catalog
 from .devices import use_devices
 from .inference.map import MapOptions
 from .results import _fsync_dir, atomic_write, fits_text, make_table
 
-__all__ = ["run_catalog", "ResumeError", "run_fingerprint", "describe_model", "shard_path",
-           "read_manifest", "MANIFEST_NAME", "SHARD_DIR"]
+__all__ = ["run_catalog", "ResumeError", "OutputError", "RunInterrupted", "EXIT_INTERRUPTED",
+           "run_fingerprint", "describe_model", "shard_path", "read_manifest", "MANIFEST_NAME",
+           "JOURNAL_NAME", "SHARD_DIR"]
 
 MANIFEST_NAME = "manifest.json"
+JOURNAL_NAME = "manifest.jsonl"
 SHARD_DIR = "shards"
-_FORMAT = 1
+LOCK_NAME = ".galbayes.lock"
+_FORMAT = 2
+EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: stopped on request, finish with --resume
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 _STR_COLUMNS = ("id", "status")
 
 
@@ -83,6 +121,27 @@ class ResumeError(CatalogError):
     """A run that cannot go on in ``out_dir``: its inputs changed since the recorded run
     (catalog, recipe, options or software), its manifest is unreadable, or another run is
     using the folder. Raised before any fitting."""
+
+
+class OutputError(CatalogError):
+    """``out_dir`` cannot be written (read-only, permission denied, disk full or over
+    quota). Raised before the catalog is read if the folder is not writable, or when a
+    write fails during the run; nothing half-written is left behind and the shards
+    committed so far are kept for ``resume=True``."""
+
+
+class RunInterrupted(Exception):
+    """The run was stopped by SIGINT/SIGTERM at a shard boundary; the finished shards are
+    committed and ``resume=True`` (``--resume``) completes the run."""
+
+    def __init__(self, signum: int, n_done: int, n_shards: int, out_dir):
+        self.signum, self.n_done, self.n_shards, self.out_dir = signum, n_done, n_shards, out_dir
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        super().__init__(f"interrupted by {name}: {n_done} of {n_shards} shards are committed in {out_dir}; "
+                         "run the same command again with --resume (resume=True) to finish")
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -260,16 +319,178 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
-def read_manifest(out_dir) -> dict | None:
-    """The run manifest of ``out_dir`` (None if there is none)."""
+def _read_manifest_file(out_dir) -> dict | None:
     path = Path(out_dir) / MANIFEST_NAME
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        man = json.loads(path.read_text())
+        if not isinstance(man, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
         raise ResumeError(f"{path}: cannot read the run manifest ({exc}); delete it (and "
                           f"{Path(out_dir) / SHARD_DIR}) or run without resume to start afresh") from None
+    return man
+
+
+def read_manifest(out_dir) -> dict | None:
+    """The run manifest of ``out_dir`` with the shards committed so far (from the journal)
+    under ``"shards"``; None if there is none."""
+    man = _read_manifest_file(out_dir)
+    if man is None:
+        return None
+    if not man.get("complete"):
+        entries, _ = _read_journal(Path(out_dir), man.get("run_id"))
+        man["shards"] = {str(k): v for k, v in sorted(entries.items())}
+    return man
+
+
+def _entry_check(entry: dict) -> str:
+    return _sha256_json({k: v for k, v in entry.items() if k != "check"})
+
+
+def _read_journal(out_dir: Path, run_id) -> tuple:
+    """``({shard: entry}, [problems])`` from the journal: later lines win; a line that is
+    truncated, not JSON, fails its checksum or belongs to another run is skipped (and
+    reported), so its shard counts as not finished."""
+    path = out_dir / JOURNAL_NAME
+    entries, problems = {}, []
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return entries, problems
+    except OSError as exc:
+        raise ResumeError(f"{path}: cannot read the run journal ({exc})") from None
+    lines = data.split(b"\n")
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        if n == len(lines):  # no newline after it: a write that did not finish
+            problems.append(f"line {n} is truncated")
+            continue
+        try:
+            entry = json.loads(raw)
+            ok = isinstance(entry, dict) and entry.get("check") == _entry_check(entry)
+        except ValueError:
+            ok = False
+        if not ok:
+            problems.append(f"line {n} is damaged")
+        elif entry.get("run_id") != run_id:
+            problems.append(f"line {n} belongs to run {entry.get('run_id')}")
+        else:
+            entries[int(entry["shard"])] = entry
+    return entries, problems
+
+
+def _append_journal(path: Path, entry: dict) -> None:
+    """Commit one shard: append its checksummed line and fsync; on failure the journal is
+    cut back to its previous length (best effort) and the error raised."""
+    entry = dict(entry)
+    entry["check"] = _entry_check(entry)
+    line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            n = os.write(fd, line)
+            if n != len(line):
+                raise OSError(errno.ENOSPC, f"short write ({n} of {len(line)} bytes)", str(path))
+            os.fsync(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise
+    finally:
+        os.close(fd)
+
+
+def _rewrite_journal(path: Path, entries: dict) -> None:
+    lines = []
+    for k in sorted(entries):
+        e = dict(entries[k])
+        e["check"] = _entry_check(e)
+        lines.append(json.dumps(e, sort_keys=True) + "\n")
+    text = "".join(lines)
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+_HASHES: OrderedDict = OrderedDict()  # (path, size, mtime_ns, inode) -> sha256; bounded LRU
+_HASH_LOCK = threading.Lock()
+
+
+def _stat_key(path: Path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _content_sha(path: Path, key) -> str:
+    with _HASH_LOCK:
+        if key in _HASHES:
+            _HASHES.move_to_end(key)
+            return _HASHES[key]
+    try:
+        sha = _file_sha256(path)
+    except OSError as exc:
+        sha = f"unreadable: {exc.errno}"
+    with _HASH_LOCK:
+        _HASHES[key] = sha
+        while len(_HASHES) > 4096:
+            _HASHES.popitem(last=False)
+    return sha
+
+
+def _shard_files(rows) -> list:
+    seen, out = set(), []
+    for r in rows:
+        for f in r.files():
+            s = str(f)
+            if s not in seen:
+                seen.add(s)
+                out.append(f)
+    return out
+
+
+def _inputs_fingerprint(rows, *, content: bool = True) -> dict:
+    """Fingerprint of the FITS files a shard's rows read (see "Input files" above)."""
+    stat, cont = [], []
+    for f in _shard_files(rows):
+        key = _stat_key(f)
+        if key is None:
+            stat.append([str(f), "missing"])
+            cont.append([str(f), "missing"])
+        else:
+            stat.append([str(f), key[1], key[2]])
+            if content:
+                cont.append([str(f), _content_sha(f, key)])
+    out = {"n_files": len(stat), "stat": _sha256_json(stat)}
+    if content:
+        out["content"] = _sha256_json(cont)
+    return out
+
+
+def _changed_inputs(rows, recorded: dict, written_ns) -> list | None:
+    """None if the files of ``rows`` match the recorded fingerprint, else a list naming
+    (up to 3 of) the files newer than the record, missing, or [] if none is identifiable."""
+    if not recorded:
+        return []
+    now = _inputs_fingerprint(rows, content=False)
+    if now["stat"] == recorded.get("stat"):
+        return None
+    if _inputs_fingerprint(rows)["content"] == recorded.get("content"):
+        return None  # touched, not changed
+    named = []
+    for f in _shard_files(rows):
+        key = _stat_key(f)
+        if key is None or (written_ns and key[2] > written_ns):
+            named.append(f"{f}" + (" (missing)" if key is None else ""))
+    return named[:3]
 
 
 def _write_shard(table, path: Path, meta: dict) -> str:
@@ -411,6 +632,10 @@ def _assemble(out_dir: Path, model, run_id: str, shard_rows: list, errors, retur
         write_both(tmp_f, tmp_c)
         os.replace(tmp_f, out_dir / "results.fits")
         os.replace(tmp_c, out_dir / "results.csv")
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(out_dir / "results.fits")) from exc
+        raise
     finally:
         for t in (tmp_f, tmp_c):
             if t.exists():
@@ -426,32 +651,6 @@ def _assemble(out_dir: Path, model, run_id: str, shard_rows: list, errors, retur
 
 
 # ----------------------------------------------------------------------------- one shard
-class _ShardRows:
-    """The catalog's rows, cut into shards and kept as compressed pickles (tens of bytes a row
-    instead of ~900 for the row objects); ``store[k]`` unpacks shard ``k``."""
-
-    def __init__(self, rows: list, shard_size: int):
-        import pickle
-        import zlib
-
-        self.n_rows = len(rows)
-        self.shard_size = shard_size
-        self._blobs = [zlib.compress(pickle.dumps(rows[i:i + shard_size], protocol=pickle.HIGHEST_PROTOCOL), 1)
-                       for i in range(0, len(rows), shard_size)]
-
-    def __len__(self):
-        return len(self._blobs)
-
-    def __getitem__(self, k: int) -> list:
-        import pickle
-        import zlib
-
-        return pickle.loads(zlib.decompress(self._blobs[k]))
-
-    def size(self, k: int) -> int:
-        return min(self.shard_size, self.n_rows - k * self.shard_size)
-
-
 @dataclass(frozen=True)
 class ShardJob:
     """Everything a worker needs to fit shards of a run (picklable)."""
@@ -487,6 +686,16 @@ def _load_rows(model, rows) -> list:
         except Exception as exc:  # noqa: BLE001  (any unreadable input is one galaxy's problem)
             out.append((row, None, None, f"error: galaxy {row.id}: cannot load: {type(exc).__name__}: {exc}"))
     return out
+
+
+def _load_shard(model, rows) -> tuple:
+    """``(inputs fingerprint, loaded rows)``: the fingerprint is taken before reading."""
+    inputs = _inputs_fingerprint(rows)
+    return inputs, _load_rows(model, rows)
+
+
+def _is_disk_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
 
 
 def _fail_message(exc: BaseException) -> str:
@@ -558,6 +767,11 @@ def _fit_shard(model, job: ShardJob, rows: list, loaded: list):
         if job.blocks and fitted:
             try:
                 _write_blocks(model, fitted, results, obs_by_id, out_dir)
+            except OSError as exc:
+                if _is_disk_error(exc):  # a full disk or read-only folder stops the run
+                    raise
+                warnings.warn(f"image blocks of {[f[0] for f in fitted]} not written: "
+                              f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
             except Exception as exc:  # noqa: BLE001  (a block is a by-product; keep the fit)
                 warnings.warn(f"image blocks of {[f[0] for f in fitted]} not written: "
                               f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
@@ -568,13 +782,14 @@ def _fit_shard(model, job: ShardJob, rows: list, loaded: list):
     return make_table(model, [results[r.index] for r in rows], **errors_kw)
 
 
-def _finish_shard(model, job: ShardJob, k: int, rows: list, loaded: list) -> dict:
+def _finish_shard(model, job: ShardJob, k: int, rows: list, loaded: list, inputs: dict | None = None) -> dict:
     table = _fit_shard(model, job, rows, loaded)
     meta = {"GBRUN": job.run_id, "GBSHARD": k, "GBROW0": rows[0].index, "GBNROWS": len(rows)}
     sha = _write_shard(table, shard_path(job.out_dir, k), meta)
     n_ok = int(sum(1 for s in table["status"] if s == "ok"))
-    return {"shard": k, "file": f"{SHARD_DIR}/{shard_path(job.out_dir, k).name}",
-            "rows": [rows[0].index, rows[-1].index + 1], "sha256": sha, "n_ok": n_ok}
+    return {"shard": k, "file": f"{SHARD_DIR}/{shard_path(job.out_dir, k).name}", "run_id": job.run_id,
+            "rows": [rows[0].index, rows[-1].index + 1], "sha256": sha, "n_ok": n_ok,
+            "inputs": inputs or {}, "written_ns": time.time_ns()}
 
 
 def run_shard(job: ShardJob, k: int, rows: list) -> dict:
@@ -582,27 +797,34 @@ def run_shard(job: ShardJob, k: int, rows: list) -> dict:
     manifest entry."""
     model = _worker_model(job)
     with use_devices(job.devices):
-        return _finish_shard(model, job, k, rows, _load_rows(model, rows))
+        inputs, loaded = _load_shard(model, rows)
+        return _finish_shard(model, job, k, rows, loaded, inputs=inputs)
 
 
 # ----------------------------------------------------------------------------- engines
-def _run_local(job: ShardJob, model, todo: list, shard_rows, record, prefetch: bool):
+def _run_local(job: ShardJob, model, todo: list, shard_rows, record, prefetch: bool, stop=None):
+    """Fit the shards ``todo`` in order; after each committed shard, return early if
+    ``stop()`` is true (a signal asked the run to stop)."""
     def load(k):
         rows = shard_rows(k)
-        return rows, _load_rows(model, rows)
+        return (rows, *_load_shard(model, rows))
 
     if not todo:
         return
     with use_devices(job.devices), ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(load, todo[0]) if prefetch else None
         for i, k in enumerate(todo):
+            if stop is not None and stop():
+                if future is not None:
+                    future.cancel()
+                return
             if prefetch:
-                rows, loaded = future.result()
+                rows, inputs, loaded = future.result()
                 if i + 1 < len(todo):  # the next shard's images load while this one is fitted
                     future = pool.submit(load, todo[i + 1])
             else:
-                rows, loaded = load(k)
-            record(_finish_shard(model, job, k, rows, loaded))
+                rows, inputs, loaded = load(k)
+            record(_finish_shard(model, job, k, rows, loaded, inputs=inputs))
             del rows, loaded
 
 
@@ -625,7 +847,7 @@ def _dask_client(dask):
     return client, [client.close]
 
 
-def _run_dask(job: ShardJob, todo: list, shard_rows, record, dask, retries: int):
+def _run_dask(job: ShardJob, todo: list, shard_rows, record, dask, retries: int, stop=None):
     """Shards as Dask tasks, a bounded number in flight (the driver never holds every
     shard's rows at once); the manifest is updated as each task finishes."""
     from distributed import as_completed
@@ -665,6 +887,10 @@ def _run_dask(job: ShardJob, todo: list, shard_rows, record, dask, retries: int)
             else:
                 record(info)
             fut.release()
+            if stop is not None and stop():  # shards in flight are not committed
+                for f in list(futures):
+                    f.cancel()
+                return
             submit(queue)
         if failed:
             k, exc = failed[0]
@@ -682,36 +908,197 @@ def _run_dask(job: ShardJob, todo: list, shard_rows, record, dask, retries: int)
 
 
 # ----------------------------------------------------------------------------- driver
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def _describe_holder(info: dict | None) -> str:
+    if not info:
+        return "an unknown process (no holder record)"
+    return (f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')}"
+            + (f" ({info.get('command')})" if info.get("command") else ""))
+
+
 class _Lock:
-    """An exclusive lock on ``out_dir`` (released by the OS if the process dies)."""
+    """An exclusive lock on ``out_dir``: ``flock`` on ``.galbayes.lock`` (released by the OS
+    when the process dies), which also holds the holder's record (pid, host, start time) so
+    a refusal can name it. A record left behind by a process that is gone (it was killed)
+    is reported as stale and taken over. Where ``flock`` is not supported (some network
+    file systems) the lock is the exclusive creation of ``.galbayes.lock.pid``; a record of
+    a dead pid on this host is then removed, one of another host must be removed by hand."""
 
     def __init__(self, out_dir: Path):
-        self.path = out_dir / ".galbayes.lock"
+        self.path = out_dir / LOCK_NAME
+        self.pid_path = out_dir / (LOCK_NAME + ".pid")
         self.fh = None
+        self.excl = False
+
+    @staticmethod
+    def _record() -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_ns": time.time_ns(),
+                "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:4]))[:200]}
+
+    @staticmethod
+    def _parse(text: str):
+        try:
+            info = json.loads(text)
+            return info if isinstance(info, dict) else None
+        except ValueError:
+            return None
+
+    def _refuse(self, info, how: str):
+        raise ResumeError(f"{self.path.parent}: another galbayes run is writing into this folder: "
+                          f"{_describe_holder(info)} (lock {how}); wait for it to end or choose another "
+                          "output folder") from None
 
     def __enter__(self):
         try:
             import fcntl
-        except ImportError:  # pragma: no cover  (not POSIX: no locking)
-            return self
-        self.fh = open(self.path, "a+")
+        except ImportError:  # pragma: no cover  (not POSIX)
+            return self._enter_excl()
+        fh = open(self.path, "a+")
         try:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.fh.close()
-            self.fh = None
-            raise ResumeError(f"{self.path.parent}: another galbayes run is writing into this folder "
-                              f"(lock {self.path}); wait for it to end or choose another output folder") from None
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.seek(0)
+            info = self._parse(fh.read())
+            fh.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                self._refuse(info, str(self.path))
+            return self._enter_excl()  # flock unsupported here (ENOLCK, EOPNOTSUPP, ...)
+        fh.seek(0)
+        old = self._parse(fh.read())
+        if old:  # the lock is free, yet a holder record remains: that run did not end cleanly
+            gone = "is gone" if old.get("host") != socket.gethostname() or not _pid_alive(int(old.get("pid", -1))) \
+                else "holds no lock"
+            warnings.warn(f"{self.path}: stale lock of {_describe_holder(old)}, which {gone}; taking it over",
+                          RuntimeWarning, stacklevel=3)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps(self._record()))
+        fh.flush()
+        self.fh = fh
         return self
+
+    def _enter_excl(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.pid_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    info = self._parse(self.pid_path.read_text())
+                except OSError:
+                    info = None
+                if info and info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
+                    warnings.warn(f"{self.pid_path}: stale lock of {_describe_holder(info)}, which is gone; "
+                                  "taking it over", RuntimeWarning, stacklevel=3)
+                    self.pid_path.unlink(missing_ok=True)
+                    continue
+                self._refuse(info, f"{self.pid_path}; if that run is gone, delete this file")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(self._record()))
+            self.excl = True
+            return self
+        self._refuse(None, str(self.pid_path))
 
     def __exit__(self, *exc):
         if self.fh is not None:
+            try:
+                self.fh.seek(0)
+                self.fh.truncate()  # a clean end leaves no holder record
+            except OSError:
+                pass
             self.fh.close()
+            self.fh = None
+        if self.excl:
+            self.pid_path.unlink(missing_ok=True)
+            self.excl = False
         return False
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask the run to stop at the next shard boundary (``self()`` is then
+    true); a second signal restores the previous handlers and stops at once
+    (KeyboardInterrupt). Only installed in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self.old = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self._restore()
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping now")
+        self.signum = signum
+        print(f"galbayes: {signal.Signals(signum).name} received: stopping after the shard being fitted "
+              "(send it again to stop now)", file=sys.stderr, flush=True)
+
+    def _restore(self):
+        for sig, old in self.old.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, OSError, TypeError):
+                pass
+        self.old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                try:
+                    self.old[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):
+                    pass
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Refuse (:class:`OutputError`) an output folder that cannot be written, before any
+    work: creates and removes a probe file in it (or in its nearest existing parent) and in
+    its ``shards``/``blocks`` subfolders if they exist."""
+    probe_dirs = []
+    d = out_dir
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    probe_dirs.append(d)
+    if d == out_dir:
+        probe_dirs += [out_dir / n for n in (SHARD_DIR, "blocks", "covariance") if (out_dir / n).is_dir()]
+    for folder in probe_dirs:
+        if not folder.is_dir():
+            raise OutputError(f"{out_dir}: cannot create the output folder: {folder} is not a folder")
+        probe = folder / f".galbayes-probe-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            what = "the output folder" if folder == out_dir else (
+                "its parent folder" if folder != out_dir and not str(folder).startswith(str(out_dir) + os.sep)
+                else folder.name + "/")
+            raise OutputError(f"{out_dir}: cannot write {what} {folder}: {exc.strerror or exc} "
+                              "(read-only file system or no permission); choose another --out") from None
 
 
 def _clear_run(out_dir: Path):
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
     shard_dir = out_dir / SHARD_DIR
     if shard_dir.is_dir():
         for p in shard_dir.iterdir():
@@ -772,65 +1159,109 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     catalog = Path(catalog).resolve()
     out_dir = Path(out_dir).resolve()
-    rows = read_catalog(catalog, model=model)  # malformed catalogs stop here, before any fit
-    store = _ShardRows(rows, shard_size)
-    del rows  # memory: only the compressed shards of rows stay
+    _check_writable(out_dir)  # a read-only folder is refused before the catalog is read
+    cat = open_catalog(catalog, model=model)
+    n_rows = cat.scan(shard_size)  # malformed catalogs stop here, before any fit
+    n_shards = cat.n_shards()
     fp = run_fingerprint(catalog, model, options, batch_size=batch_size, shard_size=shard_size,
                          blocks=blocks, errors=errors)
     run_id = _sha256_json(fp["hashes"])[:16]
-    n_rows = store.n_rows
-    n_shards = len(store)
-    shard_rows = store.__getitem__
+    cat.check_unchanged()  # the fingerprint is of the catalog that was validated
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _Lock(out_dir):
-        old = read_manifest(out_dir) if resume else None
-        done: dict = {}
-        if old is not None:
-            changes = _what_changed(old.get("fingerprint", {}), fp)
-            if changes:
-                raise ResumeError(f"cannot resume the run in {out_dir}: " + "; ".join(changes)
-                                  + ". To start afresh run without --resume (resume=False), or use another output folder.")
-            for key, info in old.get("shards", {}).items():
-                k = int(key)
-                p = out_dir / info.get("file", "")
-                if 0 <= k < n_shards and p.is_file() and _file_sha256(p) == info.get("sha256"):
-                    done[k] = info
-                else:
-                    warnings.warn(f"shard {k} of the recorded run is missing or changed on disk; fitting it again",
-                                  RuntimeWarning, stacklevel=2)
-        else:
-            _clear_run(out_dir)
-        manifest = {"galbayes_run": _FORMAT, "run_id": run_id, "fingerprint": fp, "n_rows": n_rows,
-                    "shard_size": shard_size, "n_shards": n_shards, "complete": False,
-                    "shards": {str(k): done[k] for k in sorted(done)}}
-        manifest_path = out_dir / MANIFEST_NAME
-        _write_json(manifest_path, manifest)
-
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=n_rows, initial=sum(store.size(k) for k in done), unit="gal", desc="fitting")
-
-        def record(info):
-            manifest["shards"][str(info["shard"])] = info
-            _write_json(manifest_path, manifest)
-            if bar is not None:
-                bar.update(info["rows"][1] - info["rows"][0])
-
-        todo = [k for k in range(n_shards) if k not in done]
-        job = ShardJob(model=model, model_key=fp["hashes"]["recipe"], options=options, batch_size=batch_size,
-                       blocks=blocks, errors=errors, out_dir=str(out_dir), run_id=run_id, devices=devices)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot create the output folder: {exc.strerror or exc}") from None
+    manifest_path = out_dir / MANIFEST_NAME
+    journal_path = out_dir / JOURNAL_NAME
+    done: dict = {}
+    with _Lock(out_dir), _StopOnSignal() as stop:
         try:
-            if dask is None:
-                _run_local(job, model, todo, shard_rows, record, prefetch)
+            old = _read_manifest_file(out_dir) if resume else None
+            if old is not None:
+                if old.get("galbayes_run") != _FORMAT:
+                    raise ResumeError(f"cannot resume the run in {out_dir}: it was recorded by another galbayes "
+                                      f"(run format {old.get('galbayes_run')}, this one writes {_FORMAT}). To start "
+                                      "afresh run without --resume (resume=False), or use another output folder.")
+                changes = _what_changed(old.get("fingerprint", {}), fp)
+                if changes:
+                    raise ResumeError(f"cannot resume the run in {out_dir}: " + "; ".join(changes)
+                                      + ". To start afresh run without --resume (resume=False), or use another output folder.")
+                done = _verify_finished(out_dir, cat, old, run_id, n_shards)
+                _rewrite_journal(journal_path, done)  # drops damaged lines, ends on a newline
             else:
-                _run_dask(job, todo, shard_rows, record, dask, dask_retries)
-        finally:
-            if bar is not None:
-                bar.close()
-        table = _assemble(out_dir, model, run_id, [(k, store.size(k)) for k in range(n_shards)],
-                          errors, return_table)
-        manifest["complete"] = True
-        _write_json(manifest_path, manifest)
+                _clear_run(out_dir)
+            manifest = {"galbayes_run": _FORMAT, "run_id": run_id, "fingerprint": fp, "n_rows": n_rows,
+                        "shard_size": shard_size, "n_shards": n_shards, "complete": False,
+                        "journal": JOURNAL_NAME}
+            _write_json(manifest_path, manifest)
+
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=n_rows, initial=sum(cat.shard_len(k) for k in done), unit="gal", desc="fitting")
+
+            def record(info):
+                _append_journal(journal_path, info)
+                done[int(info["shard"])] = info
+                if bar is not None:
+                    bar.update(info["rows"][1] - info["rows"][0])
+
+            todo = [k for k in range(n_shards) if k not in done]
+            job = ShardJob(model=model, model_key=fp["hashes"]["recipe"], options=options, batch_size=batch_size,
+                           blocks=blocks, errors=errors, out_dir=str(out_dir), run_id=run_id, devices=devices)
+            try:
+                if dask is None:
+                    _run_local(job, model, todo, cat.shard, record, prefetch, stop)
+                else:
+                    _run_dask(job, todo, cat.shard, record, dask, dask_retries, stop)
+            finally:
+                if bar is not None:
+                    bar.close()
+            if stop():
+                raise RunInterrupted(stop.signum, len(done), n_shards, out_dir)
+            table = _assemble(out_dir, model, run_id, [(k, cat.shard_len(k)) for k in range(n_shards)],
+                              errors, return_table)
+            manifest["complete"] = True
+            manifest["shards"] = {str(k): done[k] for k in sorted(done)}
+            _write_json(manifest_path, manifest)
+        except OSError as exc:
+            if not _is_disk_error(exc):
+                raise
+            reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                      errno.EROFS: "the file system is read-only", errno.EFBIG: "file too large"}.get(
+                          exc.errno, exc.strerror or "permission denied")
+            raise OutputError(f"{out_dir}: {reason} while writing {exc.filename or 'the run files'}; nothing "
+                              f"half-written was kept and {len(done)} of {n_shards} shards are committed: make "
+                              "room and run again with --resume (resume=True) to finish") from exc
     return table
+
+
+def _verify_finished(out_dir: Path, cat, old: dict, run_id: str, n_shards: int) -> dict:
+    """The journal's shards that can be kept: the file is there with its recorded SHA-256
+    and the shard's input files are unchanged. Everything else is fitted again (warned)."""
+    entries, problems = _read_journal(out_dir, run_id)
+    if problems:
+        warnings.warn(f"{out_dir / JOURNAL_NAME}: {'; '.join(problems[:5])}"
+                      f"{' …' if len(problems) > 5 else ''}: the shards these lines recorded (if any) are "
+                      "fitted again", RuntimeWarning, stacklevel=3)
+    done = {}
+    for k, info in sorted(entries.items()):
+        p = out_dir / info.get("file", "")
+        expect = [k * cat.shard_size, k * cat.shard_size + (cat.shard_len(k) if 0 <= k < n_shards else 0)]
+        if not (0 <= k < n_shards) or info.get("rows") != expect:
+            warnings.warn(f"shard {k} of the journal does not fit this run's layout; ignoring it", RuntimeWarning,
+                          stacklevel=3)
+            continue
+        if not p.is_file() or _file_sha256(p) != info.get("sha256"):
+            warnings.warn(f"shard {k} (rows {expect[0] + 1}–{expect[1]}) of the recorded run is missing or changed "
+                          f"on disk ({p}); fitting it again", RuntimeWarning, stacklevel=3)
+            continue
+        changed = _changed_inputs(cat.shard(k), info.get("inputs"), info.get("written_ns"))
+        if changed is not None:
+            which = f" ({', '.join(changed)})" if changed else ""
+            warnings.warn(f"shard {k} (rows {expect[0] + 1}–{expect[1]}): its image/σ/PSF/mask files changed since "
+                          f"it was fitted{which}; fitting it again", RuntimeWarning, stacklevel=3)
+            continue
+        done[k] = info
+    return done

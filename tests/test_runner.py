@@ -105,9 +105,9 @@ class Counter:
         self.shards = []
         orig = runner._finish_shard
 
-        def wrapped(model, job, k, rows, loaded):
+        def wrapped(model, job, k, rows, loaded, **kw):
             self.shards.append(k)
-            return orig(model, job, k, rows, loaded)
+            return orig(model, job, k, rows, loaded, **kw)
 
         monkeypatch.setattr(runner, "_finish_shard", wrapped)
 
@@ -123,7 +123,7 @@ def test_sigkill_then_resume_is_identical_to_an_uninterrupted_run(tmp_path, monk
         import sys, time
         import galbayes.runner as R
         _orig = R._finish_shard
-        def slow(*a, **k):  # a pause after each shard file, before the manifest update
+        def slow(*a, **k):  # a pause after each shard file, before the journal update
             res = _orig(*a, **k)
             time.sleep(0.4)
             return res
@@ -150,7 +150,8 @@ def test_sigkill_then_resume_is_identical_to_an_uninterrupted_run(tmp_path, monk
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "results.fits").exists()
-    at_kill = json.loads((out / "manifest.json").read_text())
+    at_kill = runner.read_manifest(out)  # manifest.json + the shards committed in manifest.jsonl
+    assert not at_kill["complete"]
     finished = {int(k) for k in at_kill["shards"]}
     assert 1 <= len(list((out / "shards").glob("shard_*.fits"))) and len(finished) < n_shards
 
