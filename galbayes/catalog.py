@@ -354,23 +354,21 @@ class Catalog:
     def scan(self, shard_size: int | None = None) -> int:
         """Validate every row (numbers, empty and duplicate ids) and index the shards of
         ``shard_size`` rows; returns the number of rows. Raises :class:`CatalogError`."""
+        from array import array
+
         self._positions_cache = self._positions()
-        starts, hashes, chunk = [], [], []
+        starts, hashes = [], array("q")
         n = 0
         prev_pos = None if self.format == "fits" else self._header_end
         for i, pos, cells in self._raw(0):
             if shard_size and i % shard_size == 0:
                 starts.append(prev_pos)
             row = self._make_row(i, cells, pos)
-            chunk.append(_id_hash(row.id))
-            if len(chunk) >= 65536:
-                hashes.append(np.array(chunk, np.int64))
-                chunk = []
+            hashes.append(_id_hash(row.id))
             prev_pos = pos
             n = i + 1
-        hashes.append(np.array(chunk, np.int64))
-        h = np.sort(np.concatenate(hashes))
-        del hashes, chunk
+        h = np.sort(np.frombuffer(hashes, np.int64))
+        del hashes
         if len(h) > 1:
             dup = h[1:][h[1:] == h[:-1]]
             if len(dup):

@@ -276,3 +276,67 @@ def test_fits_without_an_image(tmp_path):
     with pytest.raises(InputError) as e:
         gb.load_fits(not_fits, galaxy=GID, what="mask")
     check_message(e, "mask", "junk.fits")
+
+
+# ----------------------------------------------------------------------------- catalog columns
+def _catalog(tmp_path, extra: dict):
+    """A one-row CSV catalog with the standard columns plus ``extra`` columns."""
+    cols = {"id": "g1", "image": "i.fits", "sigma": "s.fits", "psf": "p.fits", **extra}
+    path = tmp_path / "cat.csv"
+    path.write_text(",".join(cols) + "\n" + ",".join(str(v) for v in cols.values()) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("column, close", [
+    ("sersc_re", "sersic_re"),     # misspelt component, close to a parameter
+    ("sersic_ree", "sersic_re"),   # component prefix, no such parameter
+    ("Sersic_re", "sersic_re"),    # case
+    ("sersic_reff", "sersic_re"),
+    ("sersicn", "sersic_n"),       # underscore missing
+    ("sersic_", None),
+])
+def test_parameter_like_catalog_column_is_an_error_naming_the_close_match(tmp_path, column, close):
+    from galbayes.catalog import CatalogError, read_catalog
+
+    model = gb.Model([gb.Component("sersic", "sersic", {"re": 4.0, "n": 2.0, "mag": 18.0})])
+    path = _catalog(tmp_path, {column: 3.0, "sersic_re": 2.0})
+    with pytest.raises(CatalogError) as e:
+        read_catalog(path, model=model)
+    msg = str(e.value)
+    assert f"column {column!r} names no parameter" in msg and str(path) in msg
+    if close:
+        assert f"did you mean {close!r}?" in msg
+    # without a model the column cannot be judged and is carried along
+    assert read_catalog(path)[0].id == "g1"
+
+
+def test_other_catalog_columns_are_allowed(tmp_path):
+    from galbayes.catalog import read_catalog
+
+    model = sersic_model()
+    extra = {"ra": 150.1, "dec": 2.2, "z": 0.05, "notes": "merger?", "redshift": 0.1, "objid": 7,
+             "mag_r": 17.2, "re_kpc": 3.0, "bulge_re": 2.5, "bulge_n": 3.0}
+    rows = read_catalog(_catalog(tmp_path, extra), model=model)
+    assert rows[0].init == {"bulge_re": 2.5, "bulge_n": 3.0}
+
+
+@pytest.mark.parametrize("column, meant", [("mask_kep", "mask_keep"), ("pixelscale", "pixel_scale"),
+                                           ("sigma_", "sigma")])
+def test_misspelt_standard_column_is_an_error(tmp_path, column, meant):
+    from galbayes.catalog import CatalogError, read_catalog
+
+    with pytest.raises(CatalogError, match=rf"column {column!r} is not a catalog column; did you mean {meant!r}"):
+        read_catalog(_catalog(tmp_path, {column: 3}), model=sersic_model())
+
+
+def test_parameter_like_rule():
+    from galbayes.catalog import parameter_like
+
+    model = gb.Model([gb.Component("bulge", "sersic", {}), gb.Component("disk", "exponential", {})])
+    assert parameter_like("bulge_re", model) is None          # a parameter
+    assert parameter_like("disk_rss", model) == "disk_rs"   # exponential disk: scale length rs
+    assert parameter_like("dsk_rs", model) == "disk_rs"
+    assert parameter_like("bulge_rs", model) is not None       # a parameter of the other component
+    assert parameter_like("disk_colour", model) is not None    # component prefix
+    for ok in ("ra", "dec", "z", "notes", "redshift", "id_sdss", "re", "n", "mag"):
+        assert parameter_like(ok, model) is None, ok
