@@ -1,6 +1,7 @@
 """Results: the per-galaxy table (FITS + CSV) and the FITS image block of each galaxy."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -61,6 +62,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _looks_full(exc: OSError, folder: Path) -> bool:
+    """An errno-less OSError that is a full disk: astropy reports ENOSPC as "Not enough
+    space on disk", numpy's ``tofile`` as "N requested and M written"; or the file system
+    has (almost) no room left."""
+    text = str(exc)
+    if "space" in text.lower() or re.search(r"\d+ requested and \d+ written", text):
+        return True
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
 def atomic_write(path, write) -> None:
     """``write(tmp_path)``, fsync, rename over ``path``, fsync the folder."""
     path = Path(path)
@@ -72,7 +87,9 @@ def atomic_write(path, write) -> None:
             os.fsync(fh.fileno())  # a full disk may only show here (delayed allocation)
         os.replace(tmp, path)
     except OSError as exc:
-        if exc.filename is None:  # name the file in the error (fsync/write errors carry none)
+        if exc.errno is None and _looks_full(exc, path.parent):  # astropy/numpy drop the errno
+            raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(path)) from exc
+        if exc.filename is None and exc.errno is not None:  # name the file (fsync errors carry none)
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     finally:
