@@ -43,7 +43,7 @@ def child(args) -> dict:
 
     from common import load_mocks, peak_rss_mb
     from galbayes.devices import place_batch
-    from galbayes.inference.map import MapOptions, _compiled, fit_map
+    from galbayes.inference.map import MapOptions, fit_map, precompile
     from galbayes.model import Model
     from galbayes.recipe import load_recipe
 
@@ -61,7 +61,7 @@ def child(args) -> dict:
     keys = jax.random.split(jax.random.PRNGKey(opts.seed), B)
     placed, placed_keys, _ = place_batch(batches[0], keys)
     t0 = time.perf_counter()
-    _compiled(model, opts).lower(placed, placed_keys).compile()
+    precompile(model, batches[0], options=opts)
     compile_s = time.perf_counter() - t0
     rss_compile = peak_rss_mb()
 

@@ -53,7 +53,7 @@ def main(argv=None):
 
     from galbayes.reference import imfit_fit
     from galbayes.devices import place_batch
-    from galbayes.inference.map import MapOptions, _compiled
+    from galbayes.inference.map import MapOptions, precompile
     from galbayes.mocks import sersic_mocks
     from galbayes.model import Model
     from galbayes.pipeline import fit
@@ -79,7 +79,7 @@ def main(argv=None):
         keys = jax.random.split(jax.random.PRNGKey(opts.seed), size)
         b, k, _ = place_batch(first, keys)
         t0 = time.perf_counter()
-        _compiled(model, opts).lower(b, k).compile()
+        precompile(model, first, options=opts)
         return time.perf_counter() - t0
 
     def timed_fit(batch_size):

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["AXIS", "galaxy_mesh", "batch_sharding", "use_devices", "active_mesh", "n_devices",
-           "padded_to_devices", "pad_leading", "shard_batch", "place_batch", "data_parallel"]
+           "padded_to_devices", "pad_leading", "shard_batch", "place_batch", "place_tree", "data_parallel"]
 
 #: Name of the mesh axis the galaxies are split over.
 AXIS = "galaxies"
@@ -134,6 +134,16 @@ def place_batch(batch, keys):
     batch, _ = shard_batch(batch, mesh)
     keys, _ = shard_batch(keys, mesh)
     return batch, keys, n
+
+
+def place_tree(tree):
+    """Device arrays of ``tree`` (leading axis = galaxies) where the active mesh wants them:
+    split over its devices (the leading size must be a multiple of the device count), or on
+    the default device without a mesh."""
+    mesh = active_mesh()
+    if mesh is None:
+        return jax.tree_util.tree_map(jnp.asarray, tree)
+    return shard_batch(tree, mesh)[0]
 
 
 def data_parallel(fn):

@@ -8,6 +8,7 @@ exactly one output row, in input order, with ``status`` = ``ok`` or what went wr
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,16 +66,12 @@ def default_batch_size() -> int:
     return 8 if jax.default_backend() == "cpu" else 256
 
 
-def _pad(items: list, size: int) -> list:
-    return items + [items[-1]] * (size - len(items))
-
-
 def _padded_size(n: int, batch_size: int) -> int:
-    """Pad a partial batch to the next power of two (≤ batch_size): few distinct compiled shapes."""
-    size = 1
-    while size < n:
-        size *= 2
-    return min(size, batch_size)
+    """Pad a partial batch to the next power of two (≤ batch_size): few distinct compiled shapes
+    (:func:`galbayes.batching.slot_count`)."""
+    from .batching import slot_count
+
+    return slot_count(n, batch_size)
 
 
 ERROR_METHODS = ("none", "laplace", "jacobian", "bootstrap")
@@ -95,7 +92,7 @@ def _error_method(errors) -> str:
     return method
 
 
-def _with_errors(model, batch, res, errors, options=None):
+def _with_errors(model, batch, res, errors, options=None, batch_size=None):
     """Attach error bars of a fitted batch to its MapResult (``err``, ``cov``, ``err_flags``):
     ``"laplace"`` = numpyro Laplace (Hessian), ``"jacobian"`` = the paper's (JᵀWJ)⁻¹,
     ``"bootstrap"`` = pixel bootstrap (galbayes.inference)."""
@@ -107,7 +104,8 @@ def _with_errors(model, batch, res, errors, options=None):
     if method == "bootstrap":
         est = bootstrap_errors(model, batch, res.values, options=options)
     else:
-        est = laplace_errors(model, batch, res, method="hessian" if method == "laplace" else "jacobian")
+        est = laplace_errors(model, batch, res, method="hessian" if method == "laplace" else "jacobian",
+                             batch_size=batch_size)
     out = _MapWithErrors(*res)
     out.err, out.cov, out.err_flags, out.err_method = est.errors, est.covariance, est.flags, method
     return out
@@ -130,24 +128,27 @@ def _write_covariance(model, gid, res, j, directory) -> None:
     hdu.writeto(path, overwrite=True)
 
 
-def _fit_packed(model, packed: list, options: MapOptions, batch_size: int, errors=None):
-    """Fit ``[(gid, GalaxyArrays)]`` grouped by shape in fixed-size batches; yields per galaxy.
+def _fit_packed(model, packed: list, options: MapOptions, batch_size: int, errors=None, render: bool = False):
+    """Fit ``[(gid, GalaxyArrays)]`` grouped by stamp/PSF bucket (padded to it, see
+    :mod:`galbayes.batching`), each group through ``batch_size`` slots (a finished galaxy's
+    slot goes to the next waiting one, see :func:`fit_map`); yields ``(gid, gal, group, j,
+    res)`` per galaxy: its own (unpadded) arrays, the padded group, its row in the group's
+    MapResult. ``render`` adds the model and component images (bucket-sized) to ``res``.
 
-    ``errors`` (a method name or :class:`ErrorRequest`) adds error bars to each batch's result
+    ``errors`` (a method name or :class:`ErrorRequest`) adds error bars to each group's result
     and, for a request with a ``covariance_dir``, writes ``<dir>/<id>.fits``."""
-    groups: dict = {}
-    for gid, gal in packed:
-        groups.setdefault((gal.image.shape, gal.psf.shape), []).append((gid, gal))
-    for items in groups.values():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            size = _padded_size(len(chunk), batch_size)
-            batch = Model.stack(_pad([g for _, g in chunk], size))
-            res = _with_errors(model, batch, fit_map(model, batch, options=options), errors, options)
-            for j, (gid, gal) in enumerate(chunk):
-                if getattr(errors, "covariance_dir", None) and hasattr(res, "cov"):
-                    _write_covariance(model, gid, res, j, errors.covariance_dir)
-                yield gid, gal, batch, j, res
+    from .batching import bucketed, group_by_shape
+
+    # every galaxy padded to its stamp/PSF bucket (galbayes.batching): few compiled shapes
+    for items, padded in ((g, bucketed(g)) for g in group_by_shape(packed, buckets=True)):
+        batch = Model.stack([g for _, g in padded])
+        slots = _padded_size(len(items), batch_size)
+        res = fit_map(model, batch, options=options, slots=slots, render=render)
+        res = _with_errors(model, batch, res, errors, options, batch_size=slots)
+        for j, (gid, gal) in enumerate(items):
+            if getattr(errors, "covariance_dir", None) and hasattr(res, "cov"):
+                _write_covariance(model, gid, res, j, errors.covariance_dir)
+            yield gid, gal, batch, j, res
 
 
 def _result_row(model, gid, gal, res, j, errors=None) -> dict:
@@ -281,19 +282,31 @@ def fit_catalog(catalog, model: Model, out_dir, *, options: MapOptions | None = 
                 old.unlink()
         request = ErrorRequest(method, str(cov_dir))
     batch_size = batch_size or default_batch_size()
+    from . import cache
+
+    cache.ensure()
+    stats = cache.compile_stats()
+    before, t0 = stats.snapshot(), time.perf_counter()
     table = run_catalog(catalog, model, out_dir, options=opts, batch_size=batch_size,
                         shard_size=shard_size or chunk_size, blocks=blocks, progress=progress,
                         resume=resume, dask=dask, errors=request)
-    _write_run_info(out_dir, catalog, model, method)
+    after = stats.snapshot()
+    timing = {"wall_s": round(time.perf_counter() - t0, 3), "cache_dir": str(cache.cache_dir() or ""),
+              **{k: round(after[k] - before[k], 3) for k in after}}
+    _write_run_info(out_dir, catalog, model, method, timing)
     return table
 
 
-def _write_run_info(out_dir, catalog, model, errors: str) -> None:
-    """``out_dir/run.json``: what ``galbayes sample`` needs to rebuild the model and data."""
+def _write_run_info(out_dir, catalog, model, errors: str, timing: dict | None = None) -> None:
+    """``out_dir/run.json``: what ``galbayes sample`` needs to rebuild the model and data, and
+    the run's timing (wall time; XLA compilations, cache hits and seconds compiling/tracing
+    in this process — Dask workers compile on their own)."""
     import json
 
     info = {"catalog": str(Path(catalog).resolve()), "recipe": getattr(model, "source", None),
             "likelihood": model.likelihood, "size_unit": model.size_unit, "errors": errors}
+    if timing:
+        info["timing"] = timing
     (Path(out_dir) / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -302,13 +315,17 @@ def _write_blocks(model, fitted, results, obs_by_id, out_dir):
     for gid, gal, batch, j, res in fitted:
         by_batch.setdefault(id(batch), (batch, res, []))[2].append((gid, gal, j))
     for batch, res, members in by_batch.values():
-        images, comps = render_batch(model, batch, np.nan_to_num(res.values))
+        if getattr(res, "images", None) is not None:      # rendered by the fit's own program
+            images, comps = res.images, res.components
+        else:
+            images, comps = render_batch(model, batch, np.nan_to_num(res.values))
         images = np.asarray(images)
         comps = {k: np.asarray(v) for k, v in comps.items()}
         for gid, gal, j in members:
             row, _ = obs_by_id[gid]
             header = dict(results[row.index])
             header["zp"] = float(gal.zp)
+            ny, nx = np.shape(gal.image)     # the galaxy's own stamp, out of its bucket
             write_block(out_dir / "blocks" / f"{safe_name(gid)}.fits", data=gal.image,
-                        model_image=images[j], sigma=gal.sigma, weight=gal.weight,
-                        components={k: v[j] for k, v in comps.items()}, header_values=header)
+                        model_image=images[j][:ny, :nx], sigma=gal.sigma, weight=gal.weight,
+                        components={k: v[j][:ny, :nx] for k, v in comps.items()}, header_values=header)

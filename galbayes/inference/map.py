@@ -34,6 +34,7 @@ Stages
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -46,12 +47,12 @@ import optax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoDelta
 from numpyro.infer.initialization import init_to_value
-from numpyro.infer.util import constrain_fn, log_density, unconstrain_fn
+from numpyro.handlers import replay, seed
+from numpyro.infer.util import compute_log_probs, constrain_fn, log_density, unconstrain_fn
 
-from ..devices import data_parallel, place_batch
 from ..model import GalaxyArrays, Model
 
-__all__ = ["MapOptions", "MapResult", "fit_map", "OPTIMIZERS"]
+__all__ = ["MapOptions", "MapResult", "fit_map", "precompile", "OPTIMIZERS", "ROUND_ITER"]
 
 OPTIMIZERS = {
     "adam": optax.adam,
@@ -124,33 +125,95 @@ class MapResult(NamedTuple):
     #: (B, S, S) JᵀJ of the whitened residuals w.r.t. those coordinates at that point (the
     #: LM's last Jacobian; NaN without the LM polish). laplace_errors reuses it.
     gauss_newton: np.ndarray | None = None
+    #: (B, ny, nx) model images at the MAP (``fit_map(..., render=True)``), else None
+    images: np.ndarray | None = None
+    #: {component: (B, ny, nx)} each component's image as it enters the model, or None
+    components: dict | None = None
 
 
 # --------------------------------------------------------------------------- one galaxy
-def _svi_stage(model: Model, gal: GalaxyArrays, key, opts: MapOptions):
-    """SVI with a point-mass guide from ``gal.values0``; returns (unconstrained z, steps)."""
+class _SortedTraceELBO(Trace_ELBO):
+    """numpyro's single-particle Trace_ELBO with the per-site terms summed in sorted site
+    order. numpyro sums them over a Python ``set`` of names, whose order — and so the traced
+    program, its float rounding and its persistent-cache key — changes with
+    ``PYTHONHASHSEED``; here the program is the same in every process."""
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        model_seed, guide_seed = jax.random.split(rng_key)
+        guide_lp, guide_trace = compute_log_probs(seed(guide, guide_seed), args, kwargs, param_map)
+        model_lp, _ = compute_log_probs(replay(seed(model, model_seed), guide_trace), args, kwargs, param_map)
+        elbo = jnp.array(0.0)
+        for name in sorted(set(model_lp) | set(guide_lp)):
+            elbo = elbo + (model_lp.get(name, jnp.array(0.0)) - guide_lp.get(name, jnp.array(0.0)))
+        return {"loss": -elbo, "mutable_state": None}
+
+
+def _svi(model: Model, gal: GalaxyArrays, opts: MapOptions) -> SVI:
+    """numpyro SVI of one galaxy: point-mass guide from ``gal.values0``, the optax optimizer."""
     init_sites = model.site_values(gal.values0, gal)
     guide = AutoDelta(model.numpyro_model, init_loc_fn=init_to_value(values=init_sites))
     optim = numpyro.optim.optax_to_numpyro(OPTIMIZERS[opts.optimizer](opts.learning_rate))
-    svi = SVI(model.numpyro_model, guide, optim, Trace_ELBO())
+    return SVI(model.numpyro_model, guide, optim, _SortedTraceELBO())
+
+
+class _SVIState(NamedTuple):
+    """SVI loop state of one galaxy: numpyro's state, steps, best loss, steps since a gain."""
+
+    state: object
+    it: jnp.ndarray
+    best: jnp.ndarray
+    since: jnp.ndarray
+
+
+def _svi_start(model: Model, gal: GalaxyArrays, key, opts: MapOptions) -> _SVIState:
+    svi = _svi(model, gal, opts)
     state = svi.init(key, gal, likelihood="gaussian")
     loss0 = svi.evaluate(state, gal, likelihood="gaussian")
+    return _SVIState(state, jnp.int32(0), loss0, jnp.int32(0))
+
+
+def _svi_running(s: _SVIState, opts: MapOptions):
+    return (s.it < opts.max_iter) & (s.since < opts.patience)
+
+
+def _svi_steps(model: Model, gal: GalaxyArrays, s: _SVIState, opts: MapOptions, *, steps=None,
+               active=True) -> _SVIState:
+    """Up to ``steps`` more SVI steps (all remaining ones if None) while ``active``."""
+    svi = _svi(model, gal, opts)
+    svi.init(s.state.rng_key, gal, likelihood="gaussian")   # sets svi's constrain_fn (dead code)
 
     def cond(c):
-        _, it, _, since = c
-        return (it < opts.max_iter) & (since < opts.patience)
+        s, k = c
+        go = active & _svi_running(s, opts)
+        return go if steps is None else go & (k < steps)
 
     def body(c):
-        state, it, best, since = c
-        state, loss = svi.update(state, gal, likelihood="gaussian")
-        improved = loss < best - opts.ftol
-        return state, it + 1, jnp.minimum(best, loss), jnp.where(improved, 0, since + 1)
+        s, k = c
+        state, loss = svi.update(s.state, gal, likelihood="gaussian")
+        improved = loss < s.best - opts.ftol
+        return _SVIState(state, s.it + 1, jnp.minimum(s.best, loss), jnp.where(improved, 0, s.since + 1)), k + 1
 
-    state, it, _, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0), loss0, jnp.int32(0)))
-    params = svi.get_params(state)
+    return jax.lax.while_loop(cond, body, (s, jnp.int32(0)))[0]
+
+
+def _svi_sites(model: Model, gal: GalaxyArrays, key, s: _SVIState, opts: MapOptions) -> dict:
+    """The unconstrained sites at the end of SVI."""
+    svi = _svi(model, gal, opts)
+    svi.init(key, gal, likelihood="gaussian")   # sets svi's constrain_fn; its arithmetic is dead code
+    params = svi.get_params(s.state)
     sites = {k[: -len("_auto_loc")]: v for k, v in params.items()}
-    z = unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, sites)
-    return z, it
+    return unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, sites)
+
+
+def _svi_stage(model: Model, gal: GalaxyArrays, key, opts: MapOptions):
+    """SVI with a point-mass guide from ``gal.values0``; returns (unconstrained z, steps)."""
+    s = _svi_steps(model, gal, _svi_start(model, gal, key, opts), opts)
+    return _svi_sites(model, gal, key, s, opts), s.it
+
+
+def _z_template(model: Model, gal: GalaxyArrays) -> dict:
+    """Unconstrained sites at ``gal.values0`` (also the pytree structure of a fit's point)."""
+    return unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, model.site_values(gal.values0, gal))
 
 
 def _objective_parts(model: Model, gal: GalaxyArrays):
@@ -233,7 +296,7 @@ def _sampled(model: Model, free_values):
 _MAX_STEP = 1.5
 
 
-def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
+def _lm_parts(model: Model, gal: GalaxyArrays, opts: MapOptions) -> "_LMParts":
     """Levenberg–Marquardt on ½‖r(z)‖² + (−log prior) in unconstrained coordinates.
 
     Stopping rule: the galaxy is *converged* when the undamped Gauss–Newton step at the
@@ -271,7 +334,7 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
     are projected :data:`BOUND_MARGIN` inside the bounds.
     """
     constrained, residuals, neg_log_prior = _objective_parts(model, gal)
-    flat0, unravel = jax.flatten_util.ravel_pytree(z0)
+    flat0, unravel = jax.flatten_util.ravel_pytree(_z_template(model, gal))
 
     def res(x):
         return residuals(unravel(x))
@@ -352,8 +415,9 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
         jac, r = jax.jacfwd(with_value, has_aux=True)(x)
         return r, jac.T @ jac, jac.T @ r
 
-    def cond(c):
-        return (c.it < opts.lm_iter) & ~c.done
+    def running(c):
+        # iteration 0 is the start's linearisation (a "pending" trial, see start below)
+        return (c.it < opts.lm_iter + 1) & ~c.done
 
     def body(c):
         p0 = prior(c.x)
@@ -388,7 +452,8 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
         stalled = ~c.pending & ~at_min & ~accept & (lam >= 1e7)
         done = at_min | stalled
         c = c._replace(x=x, r=r, gn=gn, jtr=jtr, lam=lam, nu=nu, it=c.it + 1, converged=done,
-                       done=done, pending=jnp.bool_(False))
+                       done=done, pending=jnp.bool_(False),
+                       gn_keep=jnp.where(c.it == 0, gn_try, c.gn_keep))
         if can_flip:
             x_alt, need = flipped(x)
             restart = done & (c.phase == 0) & need
@@ -399,19 +464,46 @@ def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
                            pending=restart, phase=jnp.where(restart, 1, c.phase), done=done & ~restart)
         return c
 
-    flat0 = into_box(flat0)
-    r0, gn0, jtr0 = linearised(flat0)
-    init = _LMState(x=flat0, r=r0, gn=gn0, jtr=jtr0, lam=jnp.float32(1e-3), nu=jnp.float32(2.0),
-                    it=jnp.int32(0), converged=jnp.bool_(False), done=jnp.bool_(False),
-                    pending=jnp.bool_(False), x_alt=flat0, phase=jnp.int32(0), x_keep=flat0,
-                    gn_keep=gn0, f_keep=jnp.float32(jnp.inf), conv_keep=jnp.bool_(False))
-    c = jax.lax.while_loop(cond, body, init)
-    x, gn, converged = c.x, c.gn, c.converged
-    if can_flip:
-        better = (0.5 * jnp.sum(c.r * c.r) + prior(x)) < c.f_keep     # f_keep = inf unless restarted
-        x, gn = jnp.where(better, x, c.x_keep), jnp.where(better, gn, c.gn_keep)
-        converged = jnp.where(better, converged, c.conv_keep)
-    return unravel(x), c.it, converged, gn
+    def start(flat):
+        """The state before iteration 0, which linearises at the start projected into the
+        bounds (the trial point of a pending iteration is accepted as it is)."""
+        x0 = into_box(flat)
+        zr = jnp.zeros(gal.image.size, jnp.float32)
+        zm = jnp.zeros((n, n), jnp.float32)
+        return _LMState(x=x0, r=zr, gn=zm, jtr=jnp.zeros(n, jnp.float32), lam=jnp.float32(1e-3),
+                        nu=jnp.float32(2.0), it=jnp.int32(0), converged=jnp.bool_(False),
+                        done=jnp.bool_(False), pending=jnp.bool_(True), x_alt=x0, phase=jnp.int32(0),
+                        x_keep=x0, gn_keep=zm, f_keep=jnp.float32(jnp.inf), conv_keep=jnp.bool_(False))
+
+    def finish(c):
+        """(unconstrained sites, LM steps, converged, JᵀJ) of a finished loop: the better of
+        the two ends when the fit was restarted."""
+        x, gn, converged = c.x, c.gn, c.converged
+        if can_flip:
+            better = (0.5 * jnp.sum(c.r * c.r) + prior(x)) < c.f_keep     # f_keep = inf unless restarted
+            x, gn = jnp.where(better, x, c.x_keep), jnp.where(better, gn, c.gn_keep)
+            converged = jnp.where(better, converged, c.conv_keep)
+        return unravel(x), c.it - 1, converged, gn
+
+    return _LMParts(start, running, body, finish)
+
+
+def _lm_stage(model: Model, gal: GalaxyArrays, z0: dict, opts: MapOptions):
+    """The whole LM polish of one galaxy from unconstrained sites ``z0`` in one loop
+    (see :func:`_lm_parts`): (sites, steps, converged, JᵀJ)."""
+    lm = _lm_parts(model, gal, opts)
+    c = jax.lax.while_loop(lm.running, lm.body, lm.start(jax.flatten_util.ravel_pytree(z0)[0]))
+    return lm.finish(c)
+
+
+class _LMParts(NamedTuple):
+    """One galaxy's LM as pieces a driver can run in rounds: ``start(flat) -> state``,
+    ``running(state) -> bool``, ``body(state) -> state``, ``finish(state)``."""
+
+    start: object
+    running: object
+    body: object
+    finish: object
 
 
 class _LMState(NamedTuple):
@@ -435,18 +527,9 @@ class _LMState(NamedTuple):
     conv_keep: jnp.ndarray
 
 
-def _fit_one(model: Model, opts: MapOptions, gal: GalaxyArrays, key):
-    if opts.max_iter > 0:
-        z, n_svi = _svi_stage(model, gal, key, opts)
-    else:
-        z = unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"},
-                           model.site_values(gal.values0, gal))
-        n_svi = jnp.int32(0)
-    if opts.polish == "lm":
-        z, n_lm, done, gn = _lm_stage(model, gal, z, opts)
-    else:
-        n_lm, done = jnp.int32(0), n_svi < opts.max_iter
-        gn = jnp.full((model.n_free, model.n_free), jnp.nan, jnp.float32)
+def _finish(model: Model, opts: MapOptions, gal: GalaxyArrays, z: dict, n_svi, n_lm, done, gn, render: bool = False):
+    """Per-galaxy outputs at the fitted sites ``z``: (values, χ², log-likelihood, SVI steps,
+    LM steps, converged, flat z, JᵀJ[, model image, component images])."""
     flat = jax.flatten_util.ravel_pytree(z)[0]
     sites = constrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, z)
     values = model.values_from_sites(sites, gal)
@@ -460,45 +543,330 @@ def _fit_one(model: Model, opts: MapOptions, gal: GalaxyArrays, key):
     is_log = jnp.asarray(model.log_sampled)
     values = values.at[free].set(jnp.where(inside == v, values[free], jnp.where(is_log, 10.0**inside, inside)))
     c2 = model.chi2(values, gal)
-    return values, c2, model.loglike_from_chi2(c2, gal), n_svi, n_lm, done, flat, gn
+    out = (values, c2, model.loglike_from_chi2(c2, gal), n_svi, n_lm, done, flat, gn)
+    if render:
+        out = out + (model.render(values, gal), model.render_components(values, gal))
+    return out
+
+
+def _fit_one(model: Model, opts: MapOptions, gal: GalaxyArrays, key, render: bool = False):
+    """The whole fit of one galaxy in one pass (SVI loop, then LM loop): the reference the
+    round-based driver of :func:`fit_map` reproduces galaxy by galaxy."""
+    if opts.max_iter > 0:
+        z, n_svi = _svi_stage(model, gal, key, opts)
+    else:
+        z, n_svi = _z_template(model, gal), jnp.int32(0)
+    if opts.polish == "lm":
+        z, n_lm, done, gn = _lm_stage(model, gal, z, opts)
+    else:
+        n_lm, done = jnp.int32(0), n_svi < opts.max_iter
+        gn = jnp.full((model.n_free, model.n_free), jnp.nan, jnp.float32)
+    return _finish(model, opts, gal, z, n_svi, n_lm, done, gn, render)
+
+
+# --------------------------------------------------------------------------- rounds
+#: Iterations per round of the round-based driver (SVI steps in the SVI stage, LM steps in
+#: the LM stage): between rounds finished galaxies leave the batch and waiting ones take
+#: their slots, so a batch is never held up by its slowest galaxy for more than this.
+ROUND_ITER = 4
+
+_SVI, _LM, _FINISH = 0, 1, 2          # stages of the program
+_IDLE = 2                             # slot phase: nothing to do (finished or empty)
+
+
+class _Slot(NamedTuple):
+    """State of one slot of the batch (leading axis = slot)."""
+
+    phase: jnp.ndarray      # 0: in SVI, 1: in LM, 2: idle
+    svi: object             # _SVIState (None without SVI)
+    lm: object              # _LMState (None without the LM polish)
+    x: jnp.ndarray          # (S,) flat unconstrained point at the end of the slot's stage
+    n: jnp.ndarray          # (3,) int32: SVI steps, LM steps, converged
+    gn: jnp.ndarray         # (S, S) JᵀJ at x (LM stage)
+
+
+def _select(mask, new, old):
+    """Per slot: ``new`` where ``mask`` else ``old`` (pytrees with a leading slot axis)."""
+    def sel(a, b):
+        m = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
+        return jnp.where(m, a, b)
+    return jax.tree_util.tree_map(sel, new, old)
+
+
+def _where_any(mask, fn, slots):
+    """``fn(slots)`` merged in where ``mask``; skipped entirely (a real branch) if no slot is."""
+    return jax.lax.cond(jnp.any(mask), lambda s: _select(mask, fn(s), s), lambda s: s, slots)
+
+
+def _round_program(model: Model, opts: MapOptions, round_iter: int, render: bool):
+    """One jitted program per model, options and batch shape, driven by :func:`_run_rounds`.
+
+    ``program(slots, gal, start, x_in, n_in, gn_in, key, stage)`` (every argument has the
+    slot axis first; ``stage`` is the same in every slot):
+
+    * stage 0 (SVI): slots with ``start == 1`` begin SVI on their galaxy, ``start == 2``
+      go idle; every slot in SVI takes up to ``round_iter`` steps; slots whose SVI has
+      ended store its point in ``x`` and go idle.
+    * stage 1 (LM): slots with ``start == 1`` begin the LM from ``x_in`` (from the start
+      values without SVI); up to ``round_iter`` LM steps (the q-flip restart included);
+      finished slots store point, steps, convergence and JᵀJ and go idle.
+    * stage 2 (finish): per slot, the outputs of :func:`_finish` at ``x_in`` (values, χ²,
+      log-likelihood, ... and, with ``render``, the model and component images).
+
+    Each galaxy follows exactly the iterations of :func:`_fit_one`; only the batch it is
+    computed with changes (float rounding).
+    """
+    svi_on, lm_on = opts.max_iter > 0, opts.polish == "lm"
+    S = model.n_free
+
+    def unravel(x, gal):
+        return jax.flatten_util.ravel_pytree(_z_template(model, gal))[1](x)
+
+    def ravel(z):
+        return jax.flatten_util.ravel_pytree(z)[0]
+
+    def finish(gal, x, n, gn):
+        return _finish(model, opts, gal, unravel(x, gal), n[0], n[1], n[2] > 0, gn, render)
+
+    def blank(gal, key):
+        z = _z_template(model, gal)
+        return _Slot(phase=jnp.int32(_IDLE),
+                     svi=_svi_start(model, gal, key, opts) if svi_on else None,
+                     lm=_lm_parts(model, gal, opts).start(ravel(z)) if lm_on else None,
+                     x=ravel(z), n=jnp.zeros(3, jnp.int32), gn=jnp.zeros((S, S), jnp.float32))
+
+    def begin_svi(slot, gal, key):
+        return slot._replace(phase=jnp.int32(_SVI), svi=_svi_start(model, gal, key, opts))
+
+    def run_svi(slot, gal):
+        return slot._replace(svi=_svi_steps(model, gal, slot.svi, opts, steps=round_iter,
+                                            active=slot.phase == _SVI))
+
+    def end_svi(slot, gal, key):
+        it = slot.svi.it
+        return slot._replace(phase=jnp.int32(_IDLE), x=ravel(_svi_sites(model, gal, key, slot.svi, opts)),
+                             n=jnp.stack([it, jnp.int32(0), (it < opts.max_iter).astype(jnp.int32)]))
+
+    def begin_lm(slot, gal, x0):
+        if not svi_on:
+            x0 = ravel(_z_template(model, gal))
+        return slot._replace(phase=jnp.int32(_LM), lm=_lm_parts(model, gal, opts).start(x0))
+
+    def run_lm(slot, gal):
+        lm = _lm_parts(model, gal, opts)
+        active = slot.phase == _LM
+
+        def cond(c):
+            return active & lm.running(c[0]) & (c[1] < round_iter)
+
+        return slot._replace(lm=jax.lax.while_loop(cond, lambda c: (lm.body(c[0]), c[1] + 1),
+                                                   (slot.lm, jnp.int32(0)))[0])
+
+    def end_lm(slot, gal):
+        z, n_lm, converged, gn = _lm_parts(model, gal, opts).finish(slot.lm)
+        return slot._replace(phase=jnp.int32(_IDLE), x=ravel(z),
+                             n=jnp.stack([slot.n[0], n_lm, converged.astype(jnp.int32)]), gn=gn)
+
+    def program(slots, gal, start, x_in, n_in, gn_in, key, stage):
+        out_shape = jax.eval_shape(jax.vmap(finish), gal, x_in, n_in, gn_in)
+        no_out = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+        fresh, retire = start == 1, start == 2
+
+        def svi_branch(slots):
+            slots = _where_any(fresh, lambda s: jax.vmap(begin_svi)(s, gal, key), slots)
+            slots = slots._replace(phase=jnp.where(retire, _IDLE, slots.phase))
+            slots = jax.vmap(run_svi)(slots, gal)
+            ended = (slots.phase == _SVI) & ~jax.vmap(lambda s: _svi_running(s, opts))(slots.svi)
+            return _where_any(ended, lambda s: jax.vmap(end_svi)(s, gal, key), slots), no_out
+
+        def lm_branch(slots):
+            slots = _where_any(fresh, lambda s: jax.vmap(begin_lm)(s, gal, x_in), slots)
+            slots = slots._replace(phase=jnp.where(retire, _IDLE, slots.phase))
+            slots = jax.vmap(run_lm)(slots, gal)
+            lm = jax.vmap(lambda s, g: _lm_parts(model, g, opts).running(s))(slots.lm, gal)
+            ended = (slots.phase == _LM) & ~lm
+            return _where_any(ended, lambda s: jax.vmap(end_lm)(s, gal), slots), no_out
+
+        def finish_branch(slots):
+            return slots, jax.vmap(finish)(gal, x_in, n_in, gn_in)
+
+        def unused(slots):
+            return slots, no_out
+
+        branches = [svi_branch if svi_on else unused, lm_branch if lm_on else unused, finish_branch]
+        return jax.lax.switch(stage[0], branches, slots)
+
+    return program, blank
 
 
 _COMPILED: dict = {}
 
 
-def _compiled(model: Model, opts: MapOptions):
-    key = (id(model), opts)
+def _compiled(model: Model, opts: MapOptions, round_iter: int = ROUND_ITER, render: bool = False):
+    """The jitted round program of a model and options (one per batch shape under jit) and
+    its slot constructor; every MAP fit goes through here."""
+    key = (id(model), opts, int(round_iter), bool(render))
     if key not in _COMPILED:
-        _COMPILED[key] = (model, jax.jit(jax.vmap(lambda g, k: _fit_one(model, opts, g, k))))
+        from .. import cache
+
+        cache.ensure()
+        program, blank = _round_program(model, opts, int(round_iter), bool(render))
+        _COMPILED[key] = (model, (jax.jit(program), jax.vmap(blank)))
     return _COMPILED[key][1]
 
 
-def fit_map(model: Model, batch: GalaxyArrays, *, options: MapOptions | None = None, **kwargs) -> MapResult:
-    """Fit a batch of galaxies: SVI + optax, then LM polish, in one jitted program.
+def _run_rounds(model: Model, opts: MapOptions, batch: GalaxyArrays, keys, n_slots: int,
+                round_iter: int, render: bool):
+    """Fit the ``n`` galaxies of ``batch`` through ``n_slots`` slots: per stage (SVI, LM) a
+    queue of galaxies; after each round of ``round_iter`` iterations finished galaxies leave
+    their slots and waiting ones take them; then the outputs in batches of ``n_slots``."""
+    from ..devices import data_parallel, place_tree
+
+    program, blank = _compiled(model, opts, round_iter, render)
+    program = data_parallel(program)      # under use_devices(): each device its block of slots
+    batch = jax.tree_util.tree_map(np.asarray, batch)
+    keys = np.asarray(keys)
+    n = int(batch.image.shape[0])
+    S = model.n_free
+    B = int(n_slots)
+
+    def rows(idx):
+        return jax.tree_util.tree_map(lambda a: a[idx], batch)
+
+    data = rows(np.minimum(np.arange(B), n - 1))
+    key_slots = keys[np.minimum(np.arange(B), n - 1)]
+    shapes = jax.eval_shape(blank, data, key_slots)
+    slots = place_tree(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+    x_all = np.zeros((n, S), np.float32)
+    n_all = np.zeros((n, 3), np.int32)
+    gn_all = np.full((n, S, S), np.nan, np.float32)
+
+    def run_stage(stage):
+        nonlocal slots, data, key_slots
+        waiting = list(range(n - 1, -1, -1))
+        owner = np.full(B, -1)
+        start = np.full(B, 2, np.int32)
+        x_in = np.zeros((B, S), np.float32)
+        n_in = np.zeros((B, 3), np.int32)
+        gn_in = np.zeros((B, S, S), np.float32)
+        stage_arr = np.full(B, stage, np.int32)
+        data = jax.tree_util.tree_map(np.copy, data)
+
+        def refill(s):
+            if not waiting:
+                return
+            g = waiting.pop()
+            owner[s], start[s] = g, 1
+            for dst, src in zip(data, batch):
+                dst[s] = src[g]
+            key_slots[s], x_in[s], n_in[s] = keys[g], x_all[g], n_all[g]
+
+        def snapshot(tree):    # the host buffers are refilled in place: never hand them out
+            return jax.tree_util.tree_map(np.copy, tree)
+
+        for s in range(B):
+            refill(s)
+        data_dev = place_tree(snapshot(data))
+        while True:
+            slots, _ = program(slots, data_dev, *snapshot((start, x_in, n_in, gn_in, key_slots)), stage_arr)
+            start[:] = 0
+            phase = np.asarray(slots.phase)
+            done = np.flatnonzero((phase == _IDLE) & (owner >= 0))
+            if done.size:
+                x, cnt = np.asarray(slots.x), np.asarray(slots.n)
+                gn = np.asarray(slots.gn) if stage == _LM else None
+                for s in done:
+                    g = owner[s]
+                    x_all[g] = x[s]
+                    if stage == _SVI:
+                        n_all[g] = cnt[s]
+                    else:
+                        n_all[g, 1:] = cnt[s, 1:]
+                        gn_all[g] = gn[s]
+                    owner[s] = -1
+                    refill(s)
+                if (owner < 0).all():
+                    break
+                data_dev = place_tree(snapshot(data))
+
+    if opts.max_iter > 0:
+        run_stage(_SVI)
+    if opts.polish == "lm":
+        run_stage(_LM)
+    outs = []
+    for begin in range(0, n, B):
+        idx = np.minimum(np.arange(begin, begin + B), n - 1)
+        _, out = program(slots, place_tree(rows(idx)), np.zeros(B, np.int32), x_all[idx], n_all[idx],
+                         gn_all[idx], keys[idx], np.full(B, _FINISH, np.int32))
+        m = min(B, n - begin)
+        outs.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:m], out))
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
+
+
+def precompile(model: Model, batch: GalaxyArrays, *, options: MapOptions | None = None, slots: int | None = None,
+               render: bool = False, round_iter: int = ROUND_ITER) -> float:
+    """Compile ahead of time the program :func:`fit_map` runs for ``batch`` (its shapes) and
+    return the seconds it took (a persistent-cache hit takes a fraction of a second)."""
+    from ..batching import slot_count
+
+    opts = options or MapOptions()
+    program, blank = _compiled(model, opts, round_iter, render)
+    batch = jax.tree_util.tree_map(np.asarray, batch)
+    n = int(batch.image.shape[0])
+    B = slot_count(n, slots or n)
+    idx = np.minimum(np.arange(B), n - 1)
+    data = jax.tree_util.tree_map(lambda a: a[idx], batch)
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(opts.seed), B))
+    shapes = jax.eval_shape(blank, data, keys)
+    slot0 = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    S = model.n_free
+    t0 = time.perf_counter()
+    program.lower(slot0, data, np.zeros(B, np.int32), np.zeros((B, S), np.float32), np.zeros((B, 3), np.int32),
+                  np.zeros((B, S, S), np.float32), keys, np.zeros(B, np.int32)).compile()
+    return time.perf_counter() - t0
+
+
+def fit_map(model: Model, batch: GalaxyArrays, *, options: MapOptions | None = None, slots: int | None = None,
+            render: bool = False, round_iter: int = ROUND_ITER, **kwargs) -> MapResult:
+    """Fit galaxies: SVI + optax, then LM polish, in one jitted program run in rounds.
 
     Parameters
     ----------
     model : Model
         The model.
     batch : GalaxyArrays
-        Stacked galaxies (:meth:`Model.stack` of :meth:`Model.pack` outputs).
+        Stacked galaxies (:meth:`Model.stack` of :meth:`Model.pack` outputs), any number.
     options : MapOptions, optional
         Settings; keyword arguments override its fields.
+    slots : int, optional
+        Galaxies computed together (the compiled batch shape; default: all of ``batch``).
+        With fewer slots than galaxies, a galaxy that has finished a stage hands its slot
+        to the next waiting one after each round, so no slot idles while galaxies wait
+        (:func:`_run_rounds`); every galaxy's answer is the same as in a batch of its own
+        (to float rounding).
+    render : bool
+        Also return the model image and the component images at the MAP
+        (``MapResult.images``, ``MapResult.components``), computed in the same program.
+    round_iter : int
+        Iterations per round (:data:`ROUND_ITER`).
 
     Returns
     -------
     MapResult
     """
+    from ..batching import slot_count
+    from ..devices import active_mesh, n_devices, padded_to_devices
+
     opts = options or MapOptions()
     if kwargs:
         opts = MapOptions(**{**opts.__dict__, **kwargs})
-    n = np.shape(batch.image)[0]
+    n = int(np.shape(batch.image)[0])
     keys = jax.random.split(jax.random.PRNGKey(opts.seed), n)
-    # Under galbayes.devices.use_devices(): padded to a multiple of the device count and
-    # split over the galaxy axis (sharded inputs are kept); else plain device arrays.
-    batch, keys, n = place_batch(batch, keys)
-    out = data_parallel(_compiled(model, opts))(batch, keys)
-    values, c2, ll, n_svi, n_lm, done, flat, gn = (np.asarray(a)[:n] for a in out)
+    # Under galbayes.devices.use_devices() the slots are a multiple of the device count and
+    # split over the galaxy axis: each device runs the program on its own block of slots.
+    n_slots = padded_to_devices(slot_count(n, slots or n), n_devices(active_mesh()))
+    out = _run_rounds(model, opts, batch, keys, n_slots, round_iter, render)
+    values, c2, ll, n_svi, n_lm, done, flat, gn = out[:8]
     values = np.asarray(values, dtype=np.float64)
     finite = np.all(np.isfinite(values), axis=1) & np.isfinite(np.asarray(c2))
     return MapResult(
@@ -511,4 +879,6 @@ def fit_map(model: Model, batch: GalaxyArrays, *, options: MapOptions | None = N
         n_lm=np.asarray(n_lm),
         unconstrained=flat,
         gauss_newton=gn,
+        images=out[8] if render else None,
+        components=out[9] if render else None,
     )

@@ -1,0 +1,91 @@
+"""The persistent compilation cache: configuration rules, and that a second `galbayes fit`
+in a fresh process with a different PYTHONHASHSEED compiles nothing (every program is a
+cache hit), i.e. the traced programs do not depend on Python's hash seed.
+
+Stamps are 24×24 Gaussians with a 7×7 PSF, a Gaussian model without oversampling and a tiny
+iteration budget, so the cold compile stays short."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from galbayes import cache
+
+MODEL_TOML = 'oversample = []\n\n[components.g]\nprofile = "gaussian"\n'
+
+
+def _gauss(size, xc, yc, s, flux):
+    y, x = np.mgrid[:size, :size].astype(np.float64)
+    g = np.exp(-((x - xc) ** 2 + (y - yc) ** 2) / (2 * s * s))
+    return flux * g / g.sum()
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache")
+    rng = np.random.default_rng(3)
+    fits.writeto(d / "psf.fits", _gauss(7, 3, 3, 1.2, 1.0))
+    lines = ["id,image,sigma,psf"]
+    for i in range(3):
+        img = _gauss(24, 11.5 + 0.3 * i, 11.8, 2.0 + 0.2 * i, 50.0) + rng.normal(0, 0.05, (24, 24))
+        fits.writeto(d / f"img{i}.fits", img.astype(np.float32))
+        fits.writeto(d / f"sig{i}.fits", np.full((24, 24), 0.05, np.float32))
+        lines.append(f"g{i},img{i}.fits,sig{i}.fits,psf.fits")
+    (d / "catalog.csv").write_text("\n".join(lines) + "\n")
+    (d / "model.toml").write_text(MODEL_TOML)
+    return d
+
+
+def _fit(catalog, out, cache_dir, seed):
+    env = dict(os.environ, PYTHONHASHSEED=str(seed))
+    env.pop(cache.ENV, None)
+    cmd = [sys.executable, "-m", "galbayes", "fit", str(catalog / "catalog.csv"), "--model",
+           str(catalog / "model.toml"), "--out", str(out), "--cache-dir", str(cache_dir),
+           "--max-iter", "3", "--lm-iter", "3", "--batch-size", "2", "--no-blocks", "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((Path(out) / "run.json").read_text())["timing"]
+
+
+def test_second_process_with_another_hash_seed_compiles_nothing(catalog, tmp_path):
+    xla = tmp_path / "xla"
+    cold = _fit(catalog, tmp_path / "a", xla, seed=1)
+    entries = sorted(p.name for p in xla.iterdir() if p.name.endswith("-cache"))
+    assert cold["cache_misses"] >= 1 and entries, cold
+    warm = _fit(catalog, tmp_path / "b", xla, seed=12345)
+    print("\ncold:", cold, "\nwarm:", warm)
+    assert warm["cache_misses"] == 0, (cold, warm)
+    assert warm["cache_hits"] >= 1, warm
+    # no new entry: the second run asked for exactly the programs of the first
+    assert sorted(p.name for p in xla.iterdir() if p.name.endswith("-cache")) == entries
+    assert not [p for p in xla.iterdir() if ".tmp-" in p.name]      # atomic writes left nothing
+    a = (tmp_path / "a" / "results.csv").read_text()
+    b = (tmp_path / "b" / "results.csv").read_text()
+    assert a == b
+
+
+def test_configuration_rules(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "env"))
+    assert cache._requested() == tmp_path / "env"
+    for off in ("off", "0", "", "none"):
+        monkeypatch.setenv(cache.ENV, off)
+        assert cache._requested() is None
+    monkeypatch.delenv(cache.ENV)
+    assert cache._requested() == cache.default_cache_dir()
+    assert cache.default_cache_dir().parts[-2:] == ("galbayes", "xla")
+
+
+def test_atomic_put_leaves_no_partial_file(tmp_path):
+    class Fake:
+        path = tmp_path
+    cache._atomic_put(Fake(), "k1", b"abc")
+    cache._atomic_put(Fake(), "k1", b"zzz")          # an existing key is kept
+    assert (tmp_path / f"k1{cache._SUFFIX}").read_bytes() == b"abc"
+    assert [p.name for p in tmp_path.iterdir()] == [f"k1{cache._SUFFIX}"]
