@@ -63,6 +63,14 @@ def write_catalog(folder: Path, n: int, fmt: str, count: int = 4) -> Path:
 
 
 def rss_mb() -> float:
+    """Peak RSS of this process: VmHWM (reset by exec; ``ru_maxrss`` keeps the parent's
+    peak across fork + exec), else ``ru_maxrss``."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -215,6 +215,10 @@ class Catalog:
                         self._ext = i
                         self._fits_rows = int(h.header["NAXIS2"])
                         self._nulls = {c.name: c.null for c in h.columns if c.null is not None}
+                        self._scale = {c.name: (float(c.bscale if c.bscale is not None else 1),
+                                                float(c.bzero if c.bzero is not None else 0))
+                                       for c in h.columns if c.bscale not in (None, 1) or c.bzero not in (None, 0)}
+                        self._logical = {c.name for c in h.columns if str(c.format).endswith("L")}
                         return list(h.columns.names)
         except OSError as exc:
             raise CatalogError(f"{self.path}: cannot read the catalog: {exc}") from None
@@ -275,15 +279,26 @@ class Catalog:
         while i < n:
             stop = min(n, i + _FITS_CHUNK)
             with fits.open(self.path, memmap=True) as hdul:
-                part = hdul[self._ext].data[i:stop]
+                # the raw records of rows i..stop (astropy's column conversion would convert
+                # whole columns of the file at each access)
+                raw = np.asarray(hdul[self._ext].data)[i:stop]
                 cols = []
                 for c in self.columns:
-                    a = np.asarray(part[c])
-                    vals = a.tolist()
-                    if c in self._nulls:
-                        vals = [None if v == self._nulls[c] else v for v in vals]
+                    a = raw[c]
+                    null = self._nulls.get(c)
+                    if a.dtype.kind == "S":
+                        vals = [v.decode("utf-8", "replace").rstrip() for v in a.tolist()]
+                    elif c in self._logical:
+                        vals = [None if v == 0 else v == ord("T") for v in a.tolist()]
+                    else:
+                        vals = a.tolist()
+                        if null is not None:
+                            vals = [None if v == null else v for v in vals]
+                        if c in self._scale:
+                            sc, z = self._scale[c]
+                            vals = [None if v is None else v * sc + z for v in vals]
                     cols.append(vals)
-                del part
+                del raw
             for j in range(stop - i):
                 yield i + j, None, [col[j] for col in cols]
             i = stop
