@@ -224,6 +224,21 @@ def test_signal_stops_at_a_shard_boundary_and_resume_completes(tmp_path, monkeyp
     same_files(out, tmp_path / "reference")
 
 
+def test_second_signal_stops_at_once_and_handlers_are_restored(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    with runner._StopOnSignal() as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop() and stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGTERM) is before  # restored by the second signal
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "SIGTERM received" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- read-only folder
 def _read_only(monkeypatch, folder: Path):
     """Make ``folder`` unwritable: chmod when not root; as root (who ignores permissions)
