@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .psf import check_psf
+from .psf import check_psf, check_psf_type
 
 __all__ = ["Observation", "load_fits", "mask_to_weight"]
 
@@ -79,6 +79,10 @@ class Observation:
         Magnitude zero point.
     pixel_scale : float, optional
         Arcsec per pixel (needed for models with ``size_unit="arcsec"``).
+    psf_type : {"effective", "optical"}, optional
+        Kind of the PSF image: ``"effective"`` includes the pixel response (every PSF measured
+        from stars, GalSim's default drawing), ``"optical"`` is sampled at pixel centres
+        (GalSim ``no_pixel``). ``None``: the model's choice, by default ``"effective"``.
 
     Raises
     ------
@@ -95,6 +99,7 @@ class Observation:
     id: str | None = None
     zp: float = 22.5
     pixel_scale: float | None = None
+    psf_type: str | None = None
     weight: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -128,6 +133,8 @@ class Observation:
         if self.pixel_scale is not None and not (np.isfinite(self.pixel_scale) and self.pixel_scale > 0):
             raise InputError(f"pixel scale must be > 0, got {self.pixel_scale}", galaxy=gid, what="pixel_scale")
         psf = check_psf(self.psf, galaxy=gid)
+        if self.psf_type is not None:
+            self.psf_type = check_psf_type(self.psf_type, galaxy=gid)
         if psf.shape[0] > 2 * image.shape[0] + 1 or psf.shape[1] > 2 * image.shape[1] + 1:
             raise InputError(f"shape {psf.shape} is larger than twice the image {image.shape}", galaxy=gid, what="PSF")
         # Masked pixels carry no information: give them harmless values.
@@ -148,7 +155,7 @@ class Observation:
 
     @classmethod
     def from_fits(cls, *, image, sigma, psf, mask=None, mask_keep=None, id=None, zp=22.5,
-                  pixel_scale=None, hdu=None):
+                  pixel_scale=None, hdu=None, psf_type=None):
         """Load the four images from FITS files (``hdu``: one HDU for all, or a dict by role)."""
         def h(role):
             return hdu.get(role) if isinstance(hdu, dict) else hdu
@@ -157,4 +164,4 @@ class Observation:
             sigma=load_fits(sigma, hdu=h("sigma"), galaxy=id, what="sigma"),
             psf=load_fits(psf, hdu=h("psf"), galaxy=id, what="PSF"),
             mask=None if mask is None else load_fits(mask, hdu=h("mask"), galaxy=id, what="mask"),
-            mask_keep=mask_keep, id=id, zp=zp, pixel_scale=pixel_scale)
+            mask_keep=mask_keep, id=id, zp=zp, pixel_scale=pixel_scale, psf_type=psf_type)

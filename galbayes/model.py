@@ -12,6 +12,7 @@ Parameter vector layout: every distinct parameter (shared ones once) is an *entr
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -29,9 +30,10 @@ from .likelihood import check_likelihood, chi2, chi2_distribution_loglike, gauss
 from .params import IMAGE_LEVEL, IMAGE_X, IMAGE_Y, Param, ParamSpec, as_param
 from .profiles import Profile, get_profile
 from .profiles.builtin import flux_from_mag
-from .psf import convolve_fft, delta_hat, psf_fft
+from .psf import (DEFAULT_PSF_TYPE, UNDERSAMPLED_FWHM, canvas_fft_shape, canvas_margin, canvas_shape,
+                  check_psf_type, convolve_canvas, delta_hat, kernel_fft, optical_kernel, psf_fwhm)
 
-__all__ = ["Component", "Model", "GalaxyArrays", "DEFAULT_OVERSAMPLE"]
+__all__ = ["Component", "Model", "GalaxyArrays", "DEFAULT_OVERSAMPLE", "pack_arrays"]
 
 #: Nested central boxes ``(size in pixels, sub-pixels per side)`` where centred profiles
 #: are integrated over the pixel area (outer box first); factor 0 = triangle-fan quadrature
@@ -81,12 +83,14 @@ class GalaxyArrays(NamedTuple):
     sigma: jnp.ndarray     # (ny, nx) float32, masked pixels 1
     weight: jnp.ndarray    # (ny, nx) float32 Ω: 1 = fit the pixel
     psf: jnp.ndarray       # (ky, kx) float32, unit sum
-    psf_hat: jnp.ndarray   # rfft2 of the zero-padded PSF
+    psf_hat: jnp.ndarray   # rfft2 of the PSF as given (padded to the kernel's frame): point sources
+    kernel_hat: jnp.ndarray  # rfft2 of the kernel for pixel-integrated profiles (psf.optical_kernel)
     zp: jnp.ndarray        # () zero point
     scale: jnp.ndarray     # () size-unit per pixel (arcsec/pix, or 1 for pixels)
     values0: jnp.ndarray   # (E,) every entry's initial/fixed value, user units
     lo: jnp.ndarray        # (S,) lower bound of each free entry, user units
     hi: jnp.ndarray        # (S,) upper bound
+    centre: jnp.ndarray    # (2,) x0, y0: geometric centre of the real stamp (tilted sky; kept by bucket padding)
 
 
 class Model:
@@ -104,12 +108,27 @@ class Model:
     oversample : sequence of (int, int)
         Nested central boxes (size, factor) integrated over sub-pixels for centred
         profiles; ``()`` samples pixel centres only.
+    psf_type : {"effective", "optical"}, optional
+        Kind of the PSF images for galaxies whose :class:`~galbayes.data.Observation` does not
+        say (``None``: ``"effective"``, the image includes the pixel response, as PSFs measured
+        from stars do). See :mod:`galbayes.psf`.
+    core : bool
+        Render the centre of convolved profiles band-limited (exact low spatial frequencies,
+        :func:`galbayes.geometry.core_patch`); ``False`` gives plain pixel means (faster, but
+        compact high-n profiles come out tens of σ off).
     """
 
     def __init__(self, components, *, likelihood: str = "chi2", size_unit: str = "pix",
-                 oversample=DEFAULT_OVERSAMPLE):
+                 oversample=DEFAULT_OVERSAMPLE, psf_type: str | None = None, core: bool = True):
         if not components:
             raise ModelError("a model needs at least one component")
+        if psf_type is not None:
+            try:
+                psf_type = check_psf_type(psf_type)
+            except InputError as exc:
+                raise ModelError(str(exc)) from None
+        self.psf_type = psf_type
+        self.core = bool(core)
         if size_unit not in ("pix", "arcsec"):
             raise ModelError(f"size_unit must be 'pix' or 'arcsec', got {size_unit!r}")
         self.likelihood = check_likelihood(likelihood)
@@ -331,16 +350,24 @@ class Model:
             hi.append(b[1])
         return np.asarray(values, np.float32), np.asarray(lo, np.float32), np.asarray(hi, np.float32)
 
+    def psf_type_of(self, obs: Observation) -> str:
+        """The galaxy's PSF kind: the Observation's, else the model's, else ``"effective"``."""
+        kind = getattr(obs, "psf_type", None) or self.psf_type or DEFAULT_PSF_TYPE
+        return check_psf_type(kind, galaxy=obs.id)
+
     def pack(self, obs: Observation, init: dict | None = None, *, guess: bool = True) -> GalaxyArrays:
-        """One galaxy's :class:`GalaxyArrays` (numpy leaves; stack for a batch)."""
+        """One galaxy's :class:`GalaxyArrays` (numpy leaves; stack for a batch).
+
+        The convolution kernel (the PSF with the pixel response divided out for an effective
+        PSF) is computed here, once per galaxy, from the PSF image alone; only its zero-padded
+        FFT depends on the stamp shape.
+        """
         values0, lo, hi = self.initial_values(obs, init, guess=guess)
         scale = 1.0
         if self.size_unit == "arcsec":
             scale = self._unit_scale(obs, ParamSpec("s", "pix"))
-        return GalaxyArrays(
-            image=obs.image, sigma=obs.sigma, weight=obs.weight, psf=obs.psf,
-            psf_hat=psf_fft(obs.psf, obs.shape), zp=np.float32(obs.zp), scale=np.float32(scale),
-            values0=values0, lo=lo, hi=hi)
+        return pack_arrays(obs.image, obs.sigma, obs.weight, obs.psf, obs.zp, scale, values0, lo, hi,
+                           psf_type=self.psf_type_of(obs), galaxy=obs.id)
 
     @staticmethod
     def stack(galaxies) -> GalaxyArrays:
@@ -369,31 +396,59 @@ class Model:
         prof = self.profiles[comp.name]
         return prof.convolve if comp.convolve is None else bool(comp.convolve)
 
-    def render_parts(self, values, gal: GalaxyArrays):
-        """(sum of components to convolve, Fourier point-source term, unconvolved sum); each
-        is ``None`` when the model has no such component. :meth:`render` combines them."""
+    @staticmethod
+    def canvas_shape(gal: GalaxyArrays) -> tuple:
+        """Shape of the padded canvas on which convolved profiles are rendered: the stamp
+        plus the PSF's half-size on each side (static; :func:`galbayes.psf.canvas_shape`)."""
+        return canvas_shape(gal.image.shape, gal.psf.shape)
+
+    def _grids(self, gal: GalaxyArrays):
+        """(stamp grid, canvas grid); both keep ``x0, y0`` of the real stamp."""
         shape = gal.image.shape
-        grid = pixel_grid(shape)
+        margin = canvas_margin(gal.psf.shape)
+        grid, canvas = pixel_grid(shape), pixel_grid(self.canvas_shape(gal), margin=margin, stamp_shape=shape)
+        x0, y0 = gal.centre[0], gal.centre[1]     # the real stamp's, also in a padded bucket (batching.py)
+        return grid._replace(x0=x0, y0=y0), canvas._replace(x0=x0, y0=y0)
+
+    def _point_hat(self, p, gal: GalaxyArrays):
+        my, mx = canvas_margin(gal.psf.shape)
+        return delta_hat(p["xc"] + mx, p["yc"] + my, flux_from_mag(p["mag"], p["zp"]), gal.psf_hat)
+
+    def render_parts(self, values, gal: GalaxyArrays):
+        """(sum of components to convolve on the padded canvas, Fourier point-source term in
+        canvas coordinates, unconvolved sum on the stamp); each is ``None`` when the model has
+        no such component. :meth:`convolve` + the unconvolved sum = :meth:`render`."""
+        grid, canvas = self._grids(gal)
         pv = self.component_values(values, gal)
         conv, point_hat, direct = None, None, None
         for comp in self.components:
             prof, p = self.profiles[comp.name], pv[comp.name]
             if prof.kind == "point":
-                term = delta_hat(p["xc"], p["yc"], flux_from_mag(p["mag"], p["zp"]), gal.psf_hat)
+                term = self._point_hat(p, gal)
                 point_hat = term if point_hat is None else point_hat + term
                 continue
-            img = self.render_profile(prof, p, grid, shape)
             if self._convolved(comp):
+                img = self.render_profile(prof, p, canvas, canvas.x.shape, band_limited=gal.psf.size > 1)
                 conv = img if conv is None else conv + img
             else:
+                img = self.render_profile(prof, p, grid, grid.x.shape)
                 direct = img if direct is None else direct + img
         return conv, point_hat, direct
 
-    def render_profile(self, prof: Profile, p: dict, grid: Grid, shape):
-        """One profile's (unconvolved) image, oversampled at its centre."""
+    @staticmethod
+    def convolve(conv, point_hat, gal: GalaxyArrays):
+        """The stamp of PSF ⊛ (canvas ``conv`` + point sources ``point_hat``); linear in both
+        (``conv`` may be ``None``)."""
+        return convolve_canvas(conv, gal.kernel_hat, gal.psf.shape, gal.image.shape, point_hat, gal.psf_hat)
+
+    def render_profile(self, prof: Profile, p: dict, grid: Grid, shape, band_limited: bool = False):
+        """One profile's (unconvolved) image, oversampled at its centre; ``band_limited``
+        (for images convolved with a PSF of more than one pixel) renders the core exactly in
+        the low spatial frequencies (:func:`galbayes.geometry.core_patch`)."""
         fn = lambda g: prof.fn(p, g)  # noqa: E731
         if prof.centred and self.oversample:
-            return render_oversampled(fn, grid, p["xc"], p["yc"], self.oversample, shape)
+            return render_oversampled(fn, grid, p["xc"], p["yc"], self.oversample, shape,
+                                      band_limited=band_limited and self.core)
         return jnp.broadcast_to(fn(grid), shape)
 
     def render(self, values, gal: GalaxyArrays):
@@ -401,27 +456,25 @@ class Model:
         conv, point_hat, direct = self.render_parts(values, gal)
         out = jnp.zeros(gal.image.shape, jnp.float32)
         if conv is not None or point_hat is not None:
-            base = conv if conv is not None else jnp.zeros(gal.image.shape, jnp.float32)
-            out = out + convolve_fft(base, gal.psf_hat, gal.psf.shape, point_hat)
+            out = out + self.convolve(conv, point_hat, gal)
         if direct is not None:
             out = out + direct
         return out
 
     def render_components(self, values, gal: GalaxyArrays) -> dict:
         """Each component's image as it enters the model (convolved where it is)."""
-        shape = gal.image.shape
-        grid = pixel_grid(shape)
+        grid, canvas = self._grids(gal)
         pv = self.component_values(values, gal)
-        zeros = jnp.zeros(shape, jnp.float32)
         out = {}
         for comp in self.components:
             prof, p = self.profiles[comp.name], pv[comp.name]
             if prof.kind == "point":
-                hat = delta_hat(p["xc"], p["yc"], flux_from_mag(p["mag"], p["zp"]), gal.psf_hat)
-                out[comp.name] = convolve_fft(zeros, gal.psf_hat, gal.psf.shape, hat)
-                continue
-            img = self.render_profile(prof, p, grid, shape)
-            out[comp.name] = convolve_fft(img, gal.psf_hat, gal.psf.shape) if self._convolved(comp) else img
+                out[comp.name] = self.convolve(None, self._point_hat(p, gal), gal)
+            elif self._convolved(comp):
+                img = self.render_profile(prof, p, canvas, canvas.x.shape, band_limited=gal.psf.size > 1)
+                out[comp.name] = self.convolve(img, None, gal)
+            else:
+                out[comp.name] = self.render_profile(prof, p, grid, grid.x.shape)
         return out
 
     # ------------------------------------------------------------------ statistics
@@ -501,6 +554,33 @@ class Model:
             if e.spec.angle:
                 values[..., i] = (values[..., i] + 90.0) % 180.0 - 90.0
         return values
+
+
+def pack_arrays(image, sigma, weight, psf, zp, scale, values0, lo, hi, *, psf_type=DEFAULT_PSF_TYPE,
+                galaxy=None) -> GalaxyArrays:
+    """A :class:`GalaxyArrays` from arrays (``psf`` normalised, ``psf_type`` checked): the
+    kernel for pixel-integrated profiles, the PSF for point sources, both FFT'd on the padded
+    canvas's FFT grid. Warns when an effective PSF is undersampled."""
+    psf = np.asarray(psf, np.float32)
+    psf_type = check_psf_type(psf_type, galaxy=galaxy)
+    if psf_type == "effective" and psf.size > 1:
+        fwhm = psf_fwhm(psf)
+        if fwhm < UNDERSAMPLED_FWHM:
+            warnings.warn(f"the effective PSF of {galaxy or 'a galaxy'} has FWHM ≈ {fwhm:.2f} px < "
+                          f"{UNDERSAMPLED_FWHM} px: it is undersampled, so dividing out the pixel response "
+                          "is ill-conditioned and the model is approximate near the centre (check that "
+                          "the PSF really is effective, i.e. includes the pixel; see README 'PSFs')",
+                          UserWarning, stacklevel=3)
+    shape = np.shape(image)
+    fshape = canvas_fft_shape(shape, psf.shape)
+    return GalaxyArrays(
+        image=np.asarray(image, np.float32), sigma=np.asarray(sigma, np.float32),
+        weight=np.asarray(weight, np.float32), psf=psf,
+        psf_hat=kernel_fft(optical_kernel(psf, "optical"), fshape),
+        kernel_hat=kernel_fft(optical_kernel(psf, psf_type), fshape),
+        zp=np.float32(zp), scale=np.float32(scale), values0=np.asarray(values0, np.float32),
+        lo=np.asarray(lo, np.float32), hi=np.asarray(hi, np.float32),
+        centre=np.asarray([(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0], np.float32))
 
 
 def render_model(model: Model, obs: Observation, values: dict | None = None):

@@ -622,18 +622,20 @@ def _scene_arrays(model, obs_or_shape, values, psf, zp, pixel_scale):
     import jax.numpy as jnp
 
     from .data import Observation
-    from .model import GalaxyArrays
-    from .psf import check_psf, psf_fft
+    from .model import pack_arrays
+    from .psf import check_psf
 
     if isinstance(obs_or_shape, Observation):
         obs = obs_or_shape
         shape = obs.shape
         psf_img = obs.psf if psf is None else check_psf(psf)
+        psf_type = model.psf_type_of(obs)
         zp = obs.zp
         pixel_scale = obs.pixel_scale if pixel_scale is None else pixel_scale
     else:
         shape = tuple(int(s) for s in obs_or_shape)
         psf_img = np.ones((1, 1), np.float32) if psf is None else check_psf(psf)
+        psf_type = model.psf_type or "effective"
     # every entry's value: the given values (by owner key or by any sharing component's name),
     # else the model's init, else the profile default
     alias = {f"{c}_{p}": idx for (c, p), idx in model.slots.items()}
@@ -660,11 +662,9 @@ def _scene_arrays(model, obs_or_shape, values, psf, zp, pixel_scale):
             raise ValueError("the model's sizes are in arcsec: give pixel_scale")
         scale = float(pixel_scale)
     n_free = len(model.free)
-    gal = GalaxyArrays(image=np.zeros(shape, np.float32), sigma=np.ones(shape, np.float32),
-                       weight=np.ones(shape, np.float32), psf=np.asarray(psf_img, np.float32),
-                       psf_hat=psf_fft(psf_img, shape), zp=np.float32(zp), scale=np.float32(scale),
-                       values0=vec.astype(np.float32), lo=np.zeros(n_free, np.float32),
-                       hi=np.ones(n_free, np.float32))
+    gal = pack_arrays(np.zeros(shape, np.float32), np.ones(shape, np.float32), np.ones(shape, np.float32),
+                      psf_img, zp, scale, vec, np.zeros(n_free, np.float32), np.ones(n_free, np.float32),
+                      psf_type=psf_type)
     gal = jax.tree_util.tree_map(jnp.asarray, gal)
     return gal, jnp.asarray(vec, jnp.float32)
 

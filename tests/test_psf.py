@@ -7,7 +7,7 @@ import pytest
 from scipy import signal
 
 import galbayes as gb
-from galbayes.psf import check_psf, convolve_fft, fft_shape, psf_fft
+from galbayes.psf import DECONV_MARGIN, canvas_margin, check_psf, convolve_fft, fft_shape, optical_kernel, psf_fft
 from _helpers import render_single
 
 
@@ -115,15 +115,110 @@ def test_observation_normalises_the_psf():
     np.testing.assert_allclose(obs.psf, psf / psf.sum(), rtol=1e-6)
 
 
-def test_model_image_is_the_psf_convolved_profile():
-    """render(profile, PSF) == fftconvolve(render(profile, delta PSF), PSF/ΣPSF)."""
+def _sersic_model(core=True, psf_type=None):
+    comp = gb.Component("s", "sersic", {"xc": 16.3, "yc": 15.6, "pa": 20.0, "q": 0.6, "re": 3.0, "n": 2.5,
+                                         "mag": gb.Param(init=18.0, bounds=(10.0, 30.0))})
+    return gb.Model([comp], core=core, psf_type=psf_type)
+
+
+def _render(model, shape, psf, values, psf_type=None):
+    obs = gb.Observation(image=np.zeros(shape), sigma=np.ones(shape), psf=psf, psf_type=psf_type)
+    return np.asarray(gb.render_model(model, obs, values), np.float64)
+
+
+def _odd_psf(shape=(11, 12), seed=2):
+    rng = np.random.default_rng(seed)
+    psf = np.exp(-0.5 * ((np.arange(shape[1])[None, :] - 5.5) ** 2 + (np.arange(shape[0])[:, None] - 5) ** 2) / 2.0**2)
+    return psf * (1.0 + 0.2 * rng.random(psf.shape))
+
+
+@pytest.mark.parametrize("psf_type", ["optical", "effective"])
+def test_model_image_is_the_kernel_convolved_profile_on_a_padded_canvas(psf_type):
+    """render = crop(fftconvolve(pixel-integrated profile on the stamp + PSF half-size margin,
+    kernel)), kernel = the PSF (optical) or the PSF with the pixel response divided out
+    (effective); light from beyond the stamp edge is scattered in."""
     shape = (32, 36)
-    params = dict(xc=16.3, yc=15.6, pa=20.0, q=0.6, re=3.0, n=2.5, mag=18.0)
-    rng = np.random.default_rng(2)
-    psf = np.exp(-0.5 * ((np.arange(12)[None, :] - 5.5) ** 2 + (np.arange(11)[:, None] - 5) ** 2) / 2.0**2)
-    psf *= 1.0 + 0.2 * rng.random(psf.shape)
-    raw = render_single("sersic", params, shape)
-    conv = render_single("sersic", params, shape, psf=psf)
-    ref = _reference(raw, psf)
-    np.testing.assert_allclose(conv, ref, rtol=0, atol=2e-6 * ref.max())
-    assert conv.sum() == pytest.approx(ref.sum(), rel=1e-5)
+    psf = _odd_psf()
+    model = _sersic_model(core=False)
+    my, mx = canvas_margin(psf.shape)
+    # the galaxy sits near the left edge: much of its light is outside the stamp
+    values = {"s_xc": 2.3, "s_yc": 15.6}
+    raw_big = _render(model, (shape[0] + 2 * my, shape[1] + 2 * mx), np.ones((1, 1)),
+                      {"s_xc": 2.3 + mx, "s_yc": 15.6 + my}, "optical")
+    kernel = optical_kernel(check_psf(psf), psf_type)
+    ref = signal.fftconvolve(raw_big, kernel, mode="same")[my:my + shape[0], mx:mx + shape[1]]
+    out = _render(model, shape, psf, values, psf_type)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=3e-6 * ref.max())
+    # without the margin the left columns would miss the light from x < -0.5
+    inside = signal.fftconvolve(raw_big[my:my + shape[0], mx:mx + shape[1]], kernel, mode="same")
+    assert np.abs(inside - ref)[:, :3].max() > 0.05 * ref.max()
+
+
+def test_effective_kernel_times_pixel_response_is_the_psf():
+    psf = check_psf(_odd_psf((13, 10), seed=4))
+    kernel = optical_kernel(psf, "effective")
+    m = DECONV_MARGIN
+    assert kernel.shape == (13 + 2 * m, 10 + 2 * m)
+    assert kernel.sum() == pytest.approx(1.0, abs=1e-6)
+    ky = np.fft.fftfreq(kernel.shape[0])[:, None]
+    kx = np.fft.rfftfreq(kernel.shape[1])[None, :]
+    back = np.fft.irfft2(np.fft.rfft2(kernel) * np.sinc(ky) * np.sinc(kx), s=kernel.shape)
+    np.testing.assert_allclose(back, np.pad(psf, m), atol=1e-7)
+    # optical: the PSF as given; a one-pixel PSF means no PSF for either kind
+    np.testing.assert_array_equal(optical_kernel(psf, "optical"), np.pad(psf, m))
+    np.testing.assert_array_equal(optical_kernel(np.ones((1, 1)), "effective"), np.pad(np.ones((1, 1)), m))
+
+
+def test_effective_psf_model_matches_optical_psf_model():
+    """The same Moffat drawn with the pixel (effective) and at pixel centres (optical) gives
+    the same model (to the pixel deconvolution's accuracy)."""
+    galsim = pytest.importorskip("galsim")
+    from galbayes.mocks import moffat_psf
+
+    model = _sersic_model()
+    eff = _render(model, (32, 36), moffat_psf(25, fwhm=3.0, psf_type="effective"), None, "effective")
+    opt = _render(model, (32, 36), moffat_psf(25, fwhm=3.0, psf_type="optical"), None, "optical")
+    np.testing.assert_allclose(eff, opt, rtol=0, atol=5e-4 * opt.max())   # measured 2.0e-4
+    # and treating the effective PSF as optical applies the pixel twice: visibly broader
+    twice = _render(model, (32, 36), moffat_psf(25, fwhm=3.0, psf_type="effective"), None, "optical")
+    assert twice.max() < opt.max() * 0.99
+    del galsim
+
+
+def test_bucket_padding_leaves_the_stamp_model_unchanged():
+    """A stamp zero-padded at the end of each axis (zero weight) renders the same pixels."""
+    psf = _odd_psf()
+    model = _sersic_model()
+    values = {"s_xc": 30.2, "s_yc": 3.4}
+    small = _render(model, (32, 36), psf, values)
+    big = _render(model, (48, 64), psf, values)[:32, :36]
+    np.testing.assert_allclose(big, small, rtol=0, atol=2e-6 * small.max())
+
+
+@pytest.mark.parametrize("bad", ["pixel", "", 3, "Effective_"])
+def test_unknown_psf_type_is_an_error_naming_the_galaxy(bad):
+    with pytest.raises(gb.InputError, match="g42.*psf_type|psf_type.*g42"):
+        gb.Observation(image=np.zeros((8, 8)), sigma=np.ones((8, 8)), psf=np.ones((3, 3)), id="g42", psf_type=bad)
+    with pytest.raises(gb.ModelError, match="unknown PSF type"):
+        _sersic_model(psf_type=bad)
+
+
+def test_psf_type_precedence_observation_over_model_over_default():
+    psf = _odd_psf()
+    obs = lambda kind: gb.Observation(image=np.zeros((20, 20)), sigma=np.ones((20, 20)), psf=psf, psf_type=kind)  # noqa: E731
+    assert _sersic_model().psf_type_of(obs(None)) == "effective"
+    assert _sersic_model(psf_type="optical").psf_type_of(obs(None)) == "optical"
+    assert _sersic_model(psf_type="optical").psf_type_of(obs("EFFECTIVE")) == "effective"
+
+
+def test_undersampled_effective_psf_warns():
+    y, x = np.mgrid[:9, :9]
+    narrow = np.exp(-0.5 * ((x - 4) ** 2 + (y - 4) ** 2) / 0.45**2)   # FWHM ≈ 1.06 px
+    obs = gb.Observation(image=np.zeros((20, 20)), sigma=np.ones((20, 20)), psf=narrow, id="tiny")
+    with pytest.warns(UserWarning, match="undersampled"):
+        _sersic_model().pack(obs)
+    obs_opt = gb.Observation(image=np.zeros((20, 20)), sigma=np.ones((20, 20)), psf=narrow, psf_type="optical")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _sersic_model().pack(obs_opt)

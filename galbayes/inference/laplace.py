@@ -84,7 +84,6 @@ import numpy as np
 from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
 from ..model import GalaxyArrays, Model
-from ..psf import convolve_fft
 from .map import BOUND_MARGIN, BOUND_TOL, MapResult
 
 __all__ = ["LaplaceResult", "laplace_errors", "loglike_curvature", "invert_curvature",
@@ -219,8 +218,8 @@ def _one_hessian(model: Model, values, gal: GalaxyArrays, z_fit=None, gn_fit=Non
         gauss_newton = gn_fit
     # c = w (D − M) = √w ρ; u = Kᵀc (the convolution is linear: its adjoint is the vjp at 0)
     c = jnp.sqrt(gal.weight) / gal.sigma * residuals(flat).reshape(gal.image.shape)
-    zeros = jnp.zeros(gal.image.shape, jnp.float32)
-    u = jax.vjp(lambda a: convolve_fft(a, gal.psf_hat, gal.psf.shape), zeros)[1](c)[0]
+    zeros = jnp.zeros(model.canvas_shape(gal), jnp.float32)   # convolved parts live on the padded canvas
+    u = jax.vjp(lambda a: model.convolve(a, None, gal), zeros)[1](c)[0]
 
     def weighted_model(x):      # Σ c·M(x) with the convolution moved onto the weights
         conv, point_hat, direct = model.render_parts(to_values(x), gal)
@@ -228,7 +227,7 @@ def _one_hessian(model: Model, values, gal: GalaxyArrays, z_fit=None, gn_fit=Non
         if conv is not None:
             out = out + jnp.sum(u * conv)
         if point_hat is not None:
-            out = out + jnp.sum(c * convolve_fft(zeros, gal.psf_hat, gal.psf.shape, point_hat))
+            out = out + jnp.sum(c * model.convolve(None, point_hat, gal))
         if direct is not None:
             out = out + jnp.sum(c * direct)
         return out
