@@ -668,8 +668,13 @@ def _round_program(model: Model, opts: MapOptions, round_iter: int, render: bool
                              n=jnp.stack([slot.n[0], n_lm, converged.astype(jnp.int32)]), gn=gn)
 
     def program(slots, gal, start, x_in, n_in, gn_in, key, stage):
-        out_shape = jax.eval_shape(jax.vmap(finish), gal, x_in, n_in, gn_in)
-        no_out = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+        B, (ny, nx) = start.shape[0], gal.image.shape[1:]
+        z = jnp.zeros
+        no_out = (z((B, len(model.entries)), jnp.float32), z(B, jnp.float32), z(B, jnp.float32), z(B, jnp.int32),
+                  z(B, jnp.int32), z(B, bool), z((B, S), jnp.float32), z((B, S, S), jnp.float32))
+        if render:
+            no_out = no_out + (z((B, ny, nx), jnp.float32), {c.name: z((B, ny, nx), jnp.float32)
+                                                            for c in model.components})
         fresh, retire = start == 1, start == 2
 
         def svi_branch(slots):
@@ -683,7 +688,7 @@ def _round_program(model: Model, opts: MapOptions, round_iter: int, render: bool
             slots = _where_any(fresh, lambda s: jax.vmap(begin_lm)(s, gal, x_in), slots)
             slots = slots._replace(phase=jnp.where(retire, _IDLE, slots.phase))
             slots = jax.vmap(run_lm)(slots, gal)
-            lm = jax.vmap(lambda s, g: _lm_parts(model, g, opts).running(s))(slots.lm, gal)
+            lm = (slots.lm.it < opts.lm_iter + 1) & ~slots.lm.done      # _LMParts.running, per slot
             ended = (slots.phase == _LM) & ~lm
             return _where_any(ended, lambda s: jax.vmap(end_lm)(s, gal), slots), no_out
 
@@ -699,19 +704,43 @@ def _round_program(model: Model, opts: MapOptions, round_iter: int, render: bool
     return program, blank
 
 
+class _Rounds:
+    """The round program of one model, options, round length and render flag (jitted; one
+    XLA program per batch shape). ``rounds.callable(gal, key)(slots, gal, start, x_in, n_in,
+    gn_in, key, stage)`` returns ``(slots, (phase, x, n, gn), out)`` (see
+    :func:`_round_program`); ``rounds.zeros(gal, key)`` gives the initial slots."""
+
+    def __init__(self, model: Model, opts: MapOptions, round_iter: int, render: bool):
+        self.program, blank = _round_program(model, opts, round_iter, render)
+        self.blank = jax.vmap(blank)
+        self.jitted = jax.jit(self.program)
+
+    def zeros(self, gal, key):
+        shapes = jax.eval_shape(self.blank, gal, key)
+        return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+    def callable(self, gal, key):
+        def run(*args):
+            slots, out = self.jitted(*args)
+            return slots, (slots.phase, slots.x, slots.n, slots.gn), out
+        return run
+
+    def lower(self, *args):
+        return self.jitted.lower(*args)
+
+
 _COMPILED: dict = {}
 
 
-def _compiled(model: Model, opts: MapOptions, round_iter: int = ROUND_ITER, render: bool = False):
-    """The jitted round program of a model and options (one per batch shape under jit) and
-    its slot constructor; every MAP fit goes through here."""
+def _compiled(model: Model, opts: MapOptions, round_iter: int = ROUND_ITER, render: bool = False) -> _Rounds:
+    """The round program of a model and options (:class:`_Rounds`; one compiled program per
+    batch shape); every MAP fit goes through here."""
     key = (id(model), opts, int(round_iter), bool(render))
     if key not in _COMPILED:
         from .. import cache
 
         cache.ensure()
-        program, blank = _round_program(model, opts, int(round_iter), bool(render))
-        _COMPILED[key] = (model, (jax.jit(program), jax.vmap(blank)))
+        _COMPILED[key] = (model, _Rounds(model, opts, int(round_iter), bool(render)))
     return _COMPILED[key][1]
 
 
@@ -720,10 +749,9 @@ def _run_rounds(model: Model, opts: MapOptions, batch: GalaxyArrays, keys, n_slo
     """Fit the ``n`` galaxies of ``batch`` through ``n_slots`` slots: per stage (SVI, LM) a
     queue of galaxies; after each round of ``round_iter`` iterations finished galaxies leave
     their slots and waiting ones take them; then the outputs in batches of ``n_slots``."""
-    from ..devices import data_parallel, place_tree
+    from ..devices import active_mesh, data_parallel, n_devices, place_tree
 
-    program, blank = _compiled(model, opts, round_iter, render)
-    program = data_parallel(program)      # under use_devices(): each device its block of slots
+    rounds = _compiled(model, opts, round_iter, render)
     batch = jax.tree_util.tree_map(np.asarray, batch)
     keys = np.asarray(keys)
     n = int(batch.image.shape[0])
@@ -735,8 +763,11 @@ def _run_rounds(model: Model, opts: MapOptions, batch: GalaxyArrays, keys, n_slo
 
     data = rows(np.minimum(np.arange(B), n - 1))
     key_slots = keys[np.minimum(np.arange(B), n - 1)]
-    shapes = jax.eval_shape(blank, data, key_slots)
-    slots = place_tree(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+    # under use_devices(): each device runs the program of its block of slots
+    per_device = B // n_devices(active_mesh())
+    local = jax.tree_util.tree_map(lambda a: a[:per_device], (data, key_slots))
+    program = data_parallel(rounds.callable(*local))
+    slots = place_tree(rounds.zeros(*local))
     x_all = np.zeros((n, S), np.float32)
     n_all = np.zeros((n, 3), np.int32)
     gn_all = np.full((n, S, S), np.nan, np.float32)
@@ -768,13 +799,14 @@ def _run_rounds(model: Model, opts: MapOptions, batch: GalaxyArrays, keys, n_slo
             refill(s)
         data_dev = place_tree(snapshot(data))
         while True:
-            slots, _ = program(slots, data_dev, *snapshot((start, x_in, n_in, gn_in, key_slots)), stage_arr)
+            slots, (phase, x, cnt, gn), _ = program(slots, data_dev, *snapshot((start, x_in, n_in, gn_in, key_slots)),
+                                                    stage_arr)
             start[:] = 0
-            phase = np.asarray(slots.phase)
+            phase = np.asarray(phase)
             done = np.flatnonzero((phase == _IDLE) & (owner >= 0))
             if done.size:
-                x, cnt = np.asarray(slots.x), np.asarray(slots.n)
-                gn = np.asarray(slots.gn) if stage == _LM else None
+                x, cnt = np.asarray(x), np.asarray(cnt)
+                gn = np.asarray(gn) if stage == _LM else None
                 for s in done:
                     g = owner[s]
                     x_all[g] = x[s]
@@ -796,8 +828,8 @@ def _run_rounds(model: Model, opts: MapOptions, batch: GalaxyArrays, keys, n_slo
     outs = []
     for begin in range(0, n, B):
         idx = np.minimum(np.arange(begin, begin + B), n - 1)
-        _, out = program(slots, place_tree(rows(idx)), np.zeros(B, np.int32), x_all[idx], n_all[idx],
-                         gn_all[idx], keys[idx], np.full(B, _FINISH, np.int32))
+        _, _, out = program(slots, place_tree(rows(idx)), np.zeros(B, np.int32), x_all[idx], n_all[idx],
+                            gn_all[idx], keys[idx], np.full(B, _FINISH, np.int32))
         m = min(B, n - begin)
         outs.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:m], out))
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
@@ -810,19 +842,19 @@ def precompile(model: Model, batch: GalaxyArrays, *, options: MapOptions | None 
     from ..batching import slot_count
 
     opts = options or MapOptions()
-    program, blank = _compiled(model, opts, round_iter, render)
+    rounds = _compiled(model, opts, round_iter, render)
     batch = jax.tree_util.tree_map(np.asarray, batch)
     n = int(batch.image.shape[0])
     B = slot_count(n, slots or n)
     idx = np.minimum(np.arange(B), n - 1)
     data = jax.tree_util.tree_map(lambda a: a[idx], batch)
     keys = np.asarray(jax.random.split(jax.random.PRNGKey(opts.seed), B))
-    shapes = jax.eval_shape(blank, data, keys)
+    shapes = jax.eval_shape(rounds.blank, data, keys)
     slot0 = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     S = model.n_free
     t0 = time.perf_counter()
-    program.lower(slot0, data, np.zeros(B, np.int32), np.zeros((B, S), np.float32), np.zeros((B, 3), np.int32),
-                  np.zeros((B, S, S), np.float32), keys, np.zeros(B, np.int32)).compile()
+    rounds.lower(slot0, data, np.zeros(B, np.int32), np.zeros((B, S), np.float32), np.zeros((B, 3), np.int32),
+                 np.zeros((B, S, S), np.float32), keys, np.zeros(B, np.int32)).compile()
     return time.perf_counter() - t0
 
 
