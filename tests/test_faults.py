@@ -491,7 +491,7 @@ def test_out_of_bounds_init_and_bad_sigma_become_statuses(tmp_path):
         rows.append({**good_row(j, gid), **bad[gid][0]})
     rows.append({**good_row(7, "bad_sigma_but_masked"), "sigma": "sig_masked_bad.fits", "mask": "mask00.fits"})
     cat = write_catalog(tmp_path, rows)
-    table = run(cat, tmp_path / "out", shard_size=4)
+    table = run(cat, tmp_path / "out", shard_size=16)  # one shard: batches of 8, the compiled shape
     assert list(table["id"]) == [r["id"] for r in rows]
     status = dict(zip(table["id"], table["status"]))
     for gid, (_, words) in bad.items():
