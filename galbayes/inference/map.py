@@ -706,8 +706,8 @@ def _round_program(model: Model, opts: MapOptions, round_iter: int, render: bool
 
 class _Rounds:
     """The round program of one model, options, round length and render flag (jitted; one
-    XLA program per batch shape). ``rounds.callable(gal, key)(slots, gal, start, x_in, n_in,
-    gn_in, key, stage)`` returns ``(slots, (phase, x, n, gn), out)`` (see
+    XLA program per batch shape). ``rounds.callable()(slots, gal, start, x_in, n_in, gn_in,
+    key, stage)`` returns ``(slots, (phase, x, n, gn), out)`` (see
     :func:`_round_program`); ``rounds.zeros(gal, key)`` gives the initial slots."""
 
     def __init__(self, model: Model, opts: MapOptions, round_iter: int, render: bool):
@@ -719,7 +719,7 @@ class _Rounds:
         shapes = jax.eval_shape(self.blank, gal, key)
         return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
-    def callable(self, gal, key):
+    def callable(self):
         def run(*args):
             slots, out = self.jitted(*args)
             return slots, (slots.phase, slots.x, slots.n, slots.gn), out
@@ -749,7 +749,7 @@ def _run_rounds(model: Model, opts: MapOptions, batch: GalaxyArrays, keys, n_slo
     """Fit the ``n`` galaxies of ``batch`` through ``n_slots`` slots: per stage (SVI, LM) a
     queue of galaxies; after each round of ``round_iter`` iterations finished galaxies leave
     their slots and waiting ones take them; then the outputs in batches of ``n_slots``."""
-    from ..devices import active_mesh, data_parallel, n_devices, place_tree
+    from ..devices import data_parallel, place_tree
 
     rounds = _compiled(model, opts, round_iter, render)
     batch = jax.tree_util.tree_map(np.asarray, batch)
@@ -763,11 +763,9 @@ def _run_rounds(model: Model, opts: MapOptions, batch: GalaxyArrays, keys, n_slo
 
     data = rows(np.minimum(np.arange(B), n - 1))
     key_slots = keys[np.minimum(np.arange(B), n - 1)]
-    # under use_devices(): each device runs the program of its block of slots
-    per_device = B // n_devices(active_mesh())
-    local = jax.tree_util.tree_map(lambda a: a[:per_device], (data, key_slots))
-    program = data_parallel(rounds.callable(*local))
-    slots = place_tree(rounds.zeros(*local))
+    # under use_devices(): each device runs the program on its block of slots
+    program = data_parallel(rounds.callable())
+    slots = place_tree(rounds.zeros(data, key_slots))
     x_all = np.zeros((n, S), np.float32)
     n_all = np.zeros((n, 3), np.int32)
     gn_all = np.full((n, S, S), np.nan, np.float32)
