@@ -239,6 +239,18 @@ def test_second_signal_stops_at_once_and_handlers_are_restored(capsys):
     assert "SIGTERM received" in capsys.readouterr().err
 
 
+def test_cli_reports_a_stop_at_once(monkeypatch, capsys):
+    import galbayes.cli as cli
+
+    def stopped(args):
+        raise KeyboardInterrupt("second SIGTERM: stopping now")
+
+    monkeypatch.setattr(cli, "cmd_recipes", stopped)
+    assert main(["recipes"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "stopped at once (second SIGTERM: stopping now)" in err and "--resume" in err
+
+
 # --------------------------------------------------------------------------- read-only folder
 def _read_only(monkeypatch, folder: Path):
     """Make ``folder`` unwritable: chmod when not root; as root (who ignores permissions)
