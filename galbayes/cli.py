@@ -117,6 +117,23 @@ def cmd_sample(args):
     return 0 if summary is not None and len(summary) else 1
 
 
+def cmd_compare(args):
+    from .compare import compare_runs
+
+    table = compare_runs(args.run_dirs, out=args.out, loo=not args.no_loo)
+    labels = [c[len("bic_"):] for c in table.colnames if c.startswith("bic_")]
+    counts = {lab: int(sum(1 for p in table["preferred"] if p == lab)) for lab in labels}
+    print(f"compared {len(labels)} runs over {len(table)} galaxies; table in {args.out}")
+    print("preferred (lowest BIC): " + ", ".join(f"{lab} {n}" for lab, n in counts.items()))
+    if not args.quiet:
+        w = max([len(str(i)) for i in table["id"]] + [2])
+        print(f"{'id'.ljust(w)}  {'preferred':<12} {'delta_bic':>10}  note")
+        for row in table:
+            print(f"{str(row['id']).ljust(w)}  {str(row['preferred']):<12} {float(row['delta_bic']):>10.2f}  "
+                  f"{row['note']}")
+    return 0
+
+
 def cmd_recipes(args):
     from .recipe import builtin_recipes, load_recipe
 
@@ -167,6 +184,15 @@ def build_parser():
                    help="galaxies whose chains run together (default 1 on CPU, 16 on GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("compare", help="model choice (BIC, AIC, PSIS-LOO) between runs of one catalog")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="output folders of 'galbayes fit' over the same catalog with different recipes")
+    p.add_argument("--out", default="compare.fits",
+                   help="comparison table, .fits or .csv (default ./compare.fits)")
+    p.add_argument("--no-loo", action="store_true", help="skip PSIS-LOO from posteriors/<id>.nc")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="fit the three bundled SDSS galaxies and print their parameters")
     p.add_argument("--out", default="galbayes-demo", help="output folder (default ./galbayes-demo)")
