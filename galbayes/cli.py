@@ -1,4 +1,4 @@
-"""Command line: ``galbayes fit``, ``galbayes sample``, ``galbayes demo``, ``galbayes recipes``.
+"""Command line: ``galbayes fit``, ``galbayes sample``, ``galbayes demo``, ``galbayes recipes``, ``galbayes prepare``.
 
 Argument parsing only; the work is done by :mod:`galbayes.pipeline` and friends.
 """
@@ -143,6 +143,32 @@ def cmd_recipes(args):
     return 0
 
 
+def cmd_prepare(args):
+    from .prepare import prepare_cutouts, prepare_frame
+
+    common = dict(out=args.out, gain=args.gain, zp=args.zp, pixel_scale=args.pixel_scale,
+                  data_bounds=args.data_bounds, progress=None if args.quiet else print)
+    if args.image is not None:
+        if args.images or args.positions is None:
+            print("galbayes: error: --image FRAME needs --positions RADEC.csv and no cutout files", file=sys.stderr)
+            return 2
+        cat = prepare_frame(image=args.image, positions=args.positions, psf=args.psf, sigma=args.sigma, **common)
+    else:
+        if not args.images:
+            print("galbayes: error: give cutout FITS files, or --image FRAME --positions RADEC.csv", file=sys.stderr)
+            return 2
+        cat = prepare_cutouts(images=args.images, psf=args.psf, sigma_suffix=args.sigma_suffix,
+                              image_suffix=args.image_suffix, sigma_pattern=args.sigma_pattern, **common)
+    status = Path(cat).parent / "prepare_status.csv"
+    import csv
+
+    with open(status, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    n_ok = sum(1 for r in rows if r["status"] == "ok")
+    print(f"prepared {n_ok}/{len(rows)} targets: catalog {cat}, status per target in {status}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="galbayes", description="Batched Bayesian galaxy profile fitting.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +225,25 @@ def build_parser():
     p.add_argument("--no-plots", action="store_true")
     _map_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare", help="cutouts or a frame + RA/Dec list -> masks, sigma maps, starting values, "
+                                       "a catalog for 'galbayes fit' (galbayes.prepare)")
+    p.add_argument("images", nargs="*", help="existing cutout FITS files (target at each centre)")
+    p.add_argument("--out", required=True, help="catalog to write (.csv); masks etc. go to <stem>_prep/ beside it")
+    p.add_argument("--psf", default=None, help="PSF FITS file (default: <name>_psf.fits beside each cutout)")
+    p.add_argument("--sigma-suffix", default="_sigma", help="sigma map beside <name>_image.fits (default _sigma)")
+    p.add_argument("--image-suffix", default="_image", help="suffix of the cutouts' names (default _image)")
+    p.add_argument("--sigma-pattern", default=None, help="sigma file name pattern with {name}, {stem}, {ext}")
+    p.add_argument("--image", default=None, metavar="FRAME", help="a large image with a WCS (with --positions)")
+    p.add_argument("--positions", default=None, metavar="CSV", help="ra, dec[, id, psf] of the targets in FRAME")
+    p.add_argument("--sigma", default=None, help="sigma map of FRAME (default: estimated per cutout)")
+    p.add_argument("--gain", type=float, default=None, help="electrons per image unit (default: header GAIN)")
+    p.add_argument("--zp", type=float, default=None, help="zero point (default: header MAGZP etc., else 22.5)")
+    p.add_argument("--pixel-scale", type=float, default=None, help="arcsec per pixel for the catalog")
+    p.add_argument("--data-bounds", action="store_true",
+                   help="also write prepare_bounds.csv: bounds centred on the estimates (recorded, not applied)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("recipes", help="list the shipped model recipes")
     p.set_defaults(func=cmd_recipes)
