@@ -666,12 +666,8 @@ def _fmt(v):
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.6g}" if abs(v) < 1e5 else repr(v)
+        return f"{v:.10g}"           # ra/dec to ~1e-8 deg
     return v
-
-
-def _settings(**kw):
-    return {k: v for k, v in kw.items()}
 
 
 # --------------------------------------------------------------------------- drivers
@@ -726,7 +722,7 @@ def prepare_cutouts(*, images, out, psf=None, sigma_suffix: str = "_sigma", imag
     -------
     Path of the catalog written.
     """
-    w = _Writer(out, bounds=data_bounds, settings=_settings(
+    w = _Writer(out, bounds=data_bounds, settings=dict(
         mode="cutouts", n_sigma=n_sigma, n_pixels=n_pixels, contrast=contrast, dilate=dilate,
         dilate_scale=dilate_scale, sigma_suffix=sigma_suffix, sigma_pattern=sigma_pattern, gain=gain, zp=zp))
     psf_arr = None
@@ -849,7 +845,7 @@ def prepare_frame(*, image, positions, out, psf=None, sigma=None, gain=None, zp=
     from astropy.wcs import WCS
     from astropy.wcs.utils import proj_plane_pixel_scales
 
-    w = _Writer(out, bounds=data_bounds, settings=_settings(
+    w = _Writer(out, bounds=data_bounds, settings=dict(
         mode="frame", image=str(image), n_sigma=n_sigma, n_pixels=n_pixels, contrast=contrast, dilate=dilate,
         dilate_scale=dilate_scale, size_factor=size_factor, min_size=min_size, gain=gain, zp=zp))
     targets = _read_positions(positions)

@@ -292,6 +292,8 @@ def test_frame_cutouts_consistent_with_hand_made(frame, tmp_path):
         assert abs(float(r["sersic_xc"]) + x0 - x) < 1 and abs(float(r["sersic_yc"]) + y0 - y) < 1
         assert abs(float(r["sersic_re"]) / re - 1) < 0.3 and abs(float(r["sersic_mag"]) - mag) < 0.3
         assert abs(float(r["x_frame"]) - x) < 1e-4 and abs(float(r["pixel_scale"]) - 0.2) < 1e-6
+        sky = _wcs().pixel_to_world(x, y)
+        assert abs(float(r["ra"]) - sky.ra.deg) < 1e-7 and abs(float(r["dec"]) - sky.dec.deg) < 1e-7
 
 
 def test_frame_without_wcs_flags_every_target(frame, tmp_path):
