@@ -217,9 +217,9 @@ def render_oversampled(fn, grid: Grid, xc, yc, levels, shape, *, band_limited=Fa
 # near Nyquist keep the pixel-mean representation (there the PSF has little power). Per axis
 # this is a few static (patch × sub-pixel) matrices: the cost is that of a few small matmuls.
 CORE_SIZE = 9
-CORE_FACTOR = 5
-CORE_HALO = 8
-_CORE_K1 = 0.3
+CORE_FACTOR = 7
+CORE_HALO = 12
+_CORE_K1 = 0.35
 
 
 def _core_matrices(size=CORE_SIZE, factor=CORE_FACTOR, halo=CORE_HALO, k1=_CORE_K1):

@@ -29,11 +29,13 @@ class MockGalaxy:
 
 
 def moffat_psf(size: int = 41, *, fwhm: float = 3.0, beta: float = 3.5, psf_type: str = "effective",
-               ny: int | None = None) -> np.ndarray:
+               ny: int | None = None, trunc: float = 0.0) -> np.ndarray:
     """A Moffat PSF image, unit sum: ``effective`` (GalSim's default method: integrated over
     the pixel) or ``optical`` (sampled at pixel centres, ``no_pixel``). ``size × size``
     (``ny × size`` if ``ny`` is given); even sizes are centred as galbayes aligns them
-    (reference pixel ``(k-1)//2``)."""
+    (reference pixel ``(k-1)//2``). ``trunc > 0`` truncates the Moffat at that radius (pixels)
+    so that the image holds all of its light (mocks then measure the model, not the PSF
+    image's truncation)."""
     import galsim
 
     from .psf import check_psf_type
@@ -42,15 +44,17 @@ def moffat_psf(size: int = 41, *, fwhm: float = 3.0, beta: float = 3.5, psf_type
     ny = size if ny is None else ny
     # GalSim centres a stamp at its true centre (k-1)/2; galbayes' reference pixel is (k-1)//2
     offset = (((size - 1) // 2) - (size - 1) / 2.0, ((ny - 1) // 2) - (ny - 1) / 2.0)
-    psf = galsim.Moffat(beta=beta, fwhm=fwhm)
+    psf = galsim.Moffat(beta=beta, fwhm=fwhm, trunc=trunc)
     img = psf.drawImage(nx=size, ny=ny, scale=1.0, method=method, offset=offset).array.astype(np.float64)
     return img / img.sum()
 
 
-def render_sersic(*, n, re, q, pa, mag, xc, yc, shape, psf_fwhm=3.0, psf_beta=3.5, zp=22.5, gsparams=None):
+def render_sersic(*, n, re, q, pa, mag, xc, yc, shape, psf_fwhm=3.0, psf_beta=3.5, zp=22.5, gsparams=None,
+                  psf_trunc=0.0):
     """GalSim image (pixel-integrated) of a Sérsic ⊛ Moffat in galbayes conventions.
 
-    ``gsparams``: a ``galsim.GSParams`` (default: ``maximum_fft_size=16384``)."""
+    ``gsparams``: a ``galsim.GSParams`` (default: ``maximum_fft_size=16384``); ``psf_trunc``:
+    the Moffat's truncation radius (0 = none)."""
     import galsim
 
     ny, nx = shape
@@ -58,7 +62,7 @@ def render_sersic(*, n, re, q, pa, mag, xc, yc, shape, psf_fwhm=3.0, psf_beta=3.
     params = galsim.GSParams(maximum_fft_size=16384) if gsparams is None else gsparams
     gal = galsim.Sersic(n=n, half_light_radius=re * np.sqrt(q), flux=flux, gsparams=params)
     gal = gal.shear(q=q, beta=(pa + 90.0) * galsim.degrees)
-    psf = galsim.Moffat(beta=psf_beta, fwhm=psf_fwhm, gsparams=params)
+    psf = galsim.Moffat(beta=psf_beta, fwhm=psf_fwhm, trunc=psf_trunc, gsparams=params)
     obj = galsim.Convolve(gal, psf, gsparams=params)
     offset = (xc - (nx - 1) / 2.0, yc - (ny - 1) / 2.0)
     return obj.drawImage(nx=nx, ny=ny, scale=1.0, offset=offset).array.astype(np.float64)

@@ -82,10 +82,10 @@ def optical_kernel(psf, psf_type: str = DEFAULT_PSF_TYPE) -> np.ndarray:
 
 
 #: Smallest canvas margin: the central boxes rendered with sub-pixels (up to 11 px) and the
-#: band-limited core with its halo (galbayes.geometry.core_patch: 9 + 2×8 px) then never touch
+#: band-limited core with its halo (galbayes.geometry.core_patch: 9 + 2×12 px) then never touch
 #: the canvas edge for a centre inside the stamp, so they are placed identically in a stamp
 #: and in the same stamp zero-padded at the end (bucket shapes).
-MIN_CANVAS_MARGIN = 13
+MIN_CANVAS_MARGIN = 17
 
 
 def canvas_margin(psf_shape) -> tuple:
