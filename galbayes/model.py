@@ -30,7 +30,7 @@ from .likelihood import check_likelihood, chi2, chi2_distribution_loglike, gauss
 from .params import IMAGE_LEVEL, IMAGE_X, IMAGE_Y, Param, ParamSpec, as_param
 from .profiles import Profile, get_profile
 from .profiles.builtin import flux_from_mag
-from .psf import (DEFAULT_PSF_TYPE, UNDERSAMPLED_FWHM, canvas_fft_shape, canvas_margin, canvas_shape,
+from .psf import (DEFAULT_PSF_TYPE, PSF_TYPES, UNDERSAMPLED_FWHM, canvas_fft_shape, canvas_margin, canvas_shape,
                   check_psf_type, convolve_canvas, delta_hat, kernel_fft, optical_kernel, psf_fwhm)
 
 __all__ = ["Component", "Model", "GalaxyArrays", "DEFAULT_OVERSAMPLE", "pack_arrays"]
@@ -85,6 +85,7 @@ class GalaxyArrays(NamedTuple):
     psf: jnp.ndarray       # (ky, kx) float32, unit sum
     psf_hat: jnp.ndarray   # rfft2 of the PSF as given (padded to the kernel's frame): point sources
     kernel_hat: jnp.ndarray  # rfft2 of the kernel for pixel-integrated profiles (psf.optical_kernel)
+    psf_kind: jnp.ndarray  # () int32: the PSF kind, index into galbayes.psf.PSF_TYPES
     zp: jnp.ndarray        # () zero point
     scale: jnp.ndarray     # () size-unit per pixel (arcsec/pix, or 1 for pixels)
     values0: jnp.ndarray   # (E,) every entry's initial/fixed value, user units
@@ -560,7 +561,12 @@ def pack_arrays(image, sigma, weight, psf, zp, scale, values0, lo, hi, *, psf_ty
                 galaxy=None) -> GalaxyArrays:
     """A :class:`GalaxyArrays` from arrays (``psf`` normalised, ``psf_type`` checked): the
     kernel for pixel-integrated profiles, the PSF for point sources, both FFT'd on the padded
-    canvas's FFT grid. Warns when an effective PSF is undersampled."""
+    canvas's FFT grid. Warns when an effective PSF is undersampled.
+
+    Padding to a larger (bucket) stamp: the kernels are functions of the PSF image alone; the
+    real-space kernel is ``irfft2(kernel_hat)[:ky + 2m, :kx + 2m]`` (m = DECONV_MARGIN), to be
+    re-transformed with :func:`galbayes.psf.kernel_fft` at the bucket's
+    :func:`galbayes.psf.canvas_fft_shape`; the stamp keeps its offset in the canvas."""
     psf = np.asarray(psf, np.float32)
     psf_type = check_psf_type(psf_type, galaxy=galaxy)
     if psf_type == "effective" and psf.size > 1:
@@ -578,6 +584,7 @@ def pack_arrays(image, sigma, weight, psf, zp, scale, values0, lo, hi, *, psf_ty
         weight=np.asarray(weight, np.float32), psf=psf,
         psf_hat=kernel_fft(optical_kernel(psf, "optical"), fshape),
         kernel_hat=kernel_fft(optical_kernel(psf, psf_type), fshape),
+        psf_kind=np.int32(PSF_TYPES.index(psf_type)),
         zp=np.float32(zp), scale=np.float32(scale), values0=np.asarray(values0, np.float32),
         lo=np.asarray(lo, np.float32), hi=np.asarray(hi, np.float32),
         centre=np.asarray([(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0], np.float32))

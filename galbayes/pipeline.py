@@ -20,6 +20,7 @@ from .data import Observation
 from .errors import InputError, ModelError
 from .inference.map import MapOptions, MapResult, fit_map
 from .model import GalaxyArrays, Model
+from .psf import PSF_TYPES
 from .results import make_table, safe_name, write_block
 
 __all__ = ["fit", "fit_catalog", "FitOutput", "render_batch"]
@@ -156,6 +157,7 @@ def _result_row(model, gid, gal, res, j, errors=None) -> dict:
     row = {"id": gid, "chi2": res.chi2[j], "chi2_red": res.chi2[j] / k if k > 0 else np.nan,
            "loglike": res.loglike[j], "n_iter": int(res.n_iter[j]), "converged": bool(res.converged[j])}
     row.update(zip(model.keys, res.values[j]))
+    row["psf_type"] = PSF_TYPES[int(np.asarray(gal.psf_kind))]
     finite = np.all(np.isfinite(res.values[j])) and np.isfinite(res.chi2[j])
     row["status"] = "ok" if finite else "fit failed: non-finite parameters or chi2"
     if hasattr(res, "err"):
@@ -166,7 +168,8 @@ def _result_row(model, gid, gal, res, j, errors=None) -> dict:
 
 
 def fit(model: Model, observations, *, init=None, options: MapOptions | None = None,
-        batch_size: int | None = None, errors: str = "none", **option_kw) -> FitOutput:
+        batch_size: int | None = None, errors: str = "none", psf_type: str | None = None,
+        **option_kw) -> FitOutput:
     """Fit in-memory galaxies (MAP: SVI + optax, LM polish).
 
     Parameters
@@ -184,8 +187,17 @@ def fit(model: Model, observations, *, init=None, options: MapOptions | None = N
         Error bars: ``<key>_err`` columns and ``FitOutput.covariance[id]`` (numpyro Laplace,
         the paper's (JᵀWJ)⁻¹, or the pixel bootstrap; see :mod:`galbayes.inference`). A
         flagged covariance makes the status ``"ok; errors: <flag>"``.
+    psf_type : {"effective", "optical"}, optional
+        PSF kind for galaxies whose Observation does not give one (overrides the model's;
+        default "effective", see :mod:`galbayes.psf`).
     """
     _error_method(errors)
+    if psf_type is not None:   # a shallow copy: the caller's model keeps its own setting
+        import copy
+
+        from .psf import check_psf_type
+        model = copy.copy(model)
+        model.psf_type = check_psf_type(psf_type)
     if isinstance(observations, Observation):
         observations = [observations]
     inits = init if isinstance(init, (list, tuple)) else [init] * len(observations)

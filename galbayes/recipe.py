@@ -5,6 +5,9 @@ Format (see ``models/*.toml``)::
     likelihood = "chi2"          # or "gaussian"
     size_unit = "pix"            # or "arcsec" (needs the catalog's pixel_scale)
     oversample = [[11, 5], [3, 0]]   # optional, see galbayes.model.DEFAULT_OVERSAMPLE
+    psf_type = "effective"       # optional: "effective" (default; the PSF image includes the
+                                 # pixel response) or "optical" (sampled at pixel centres);
+                                 # a catalog's psf_type column overrides it per galaxy
 
     [components.bulge]           # components in file order; the name prefixes columns
     profile = "sersic"
@@ -27,7 +30,7 @@ from .model import DEFAULT_OVERSAMPLE, Component, Model
 __all__ = ["load_recipe", "recipe_from_dict", "recipe_path", "builtin_recipes"]
 
 _BUILTIN = Path(__file__).resolve().parent / "recipes"
-_TOP_KEYS = {"likelihood", "size_unit", "oversample", "components", "description"}
+_TOP_KEYS = {"likelihood", "size_unit", "oversample", "components", "description", "psf_type"}
 _COMP_KEYS = {"profile", "params", "convolve"}
 
 
@@ -47,8 +50,10 @@ def recipe_path(name_or_path) -> Path:
     raise ModelError(f"recipe {str(name_or_path)!r} not found (shipped recipes: {builtin_recipes()})")
 
 
-def recipe_from_dict(cfg: dict, *, source: str = "recipe", likelihood: str | None = None) -> Model:
-    """Build a :class:`Model` from a parsed recipe; errors name the source and key."""
+def recipe_from_dict(cfg: dict, *, source: str = "recipe", likelihood: str | None = None,
+                     psf_type: str | None = None) -> Model:
+    """Build a :class:`Model` from a parsed recipe; errors name the source and key.
+    ``likelihood`` and ``psf_type`` override the recipe's keys."""
     unknown = set(cfg) - _TOP_KEYS
     if unknown:
         raise ModelError(f"{source}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
@@ -69,19 +74,21 @@ def recipe_from_dict(cfg: dict, *, source: str = "recipe", likelihood: str | Non
         return Model(components,
                      likelihood=likelihood or cfg.get("likelihood", "chi2"),
                      size_unit=cfg.get("size_unit", "pix"),
-                     oversample=cfg.get("oversample", DEFAULT_OVERSAMPLE))
+                     oversample=cfg.get("oversample", DEFAULT_OVERSAMPLE),
+                     psf_type=psf_type or cfg.get("psf_type"))
     except (ModelError, KeyError, ValueError, TypeError) as exc:
         msg = exc.args[0] if exc.args else str(exc)
         raise ModelError(f"{source}: {msg}") from None
 
 
-def load_recipe(name_or_path, *, likelihood: str | None = None) -> Model:
-    """Read a TOML recipe (a path or a shipped recipe's name) into a :class:`Model`."""
+def load_recipe(name_or_path, *, likelihood: str | None = None, psf_type: str | None = None) -> Model:
+    """Read a TOML recipe (a path or a shipped recipe's name) into a :class:`Model`
+    (``likelihood``, ``psf_type``: override the recipe's keys)."""
     path = recipe_path(name_or_path)
     try:
         cfg = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ModelError(f"{path}: not valid TOML: {exc}") from None
-    model = recipe_from_dict(cfg, source=str(path), likelihood=likelihood)
+    model = recipe_from_dict(cfg, source=str(path), likelihood=likelihood, psf_type=psf_type)
     model.source = str(path)
     return model

@@ -21,7 +21,7 @@ def results_columns(model, *, errors: bool = False) -> list:
     cols = ["id"] + list(model.keys)
     if errors:
         cols += [k + "_err" for k in model.keys]
-    return cols + ["chi2", "chi2_red", "loglike", "n_iter", "converged", "status"]
+    return cols + ["chi2", "chi2_red", "loglike", "n_iter", "converged", "status", "psf_type"]
 
 
 def make_table(model, rows: list, *, errors: bool = False):
@@ -32,7 +32,7 @@ def make_table(model, rows: list, *, errors: bool = False):
     data = {}
     for c in cols:
         vals = [r.get(c) for r in rows]
-        if c in ("id", "status"):
+        if c in ("id", "status", "psf_type"):
             data[c] = np.array([str(v if v is not None else "") for v in vals])
         elif c == "converged":
             data[c] = np.array([bool(v) if v is not None else False for v in vals])

@@ -114,7 +114,7 @@ LOCK_NAME = ".galbayes.lock"
 _FORMAT = 2
 EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: stopped on request, finish with --resume
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-_STR_COLUMNS = ("id", "status")
+_STR_COLUMNS = ("id", "status", "psf_type")
 
 
 class ResumeError(CatalogError):
@@ -201,6 +201,7 @@ def describe_model(model) -> dict:
                for e in model.entries]
     slots = {f"{c}.{p}": i for (c, p), i in sorted(model.slots.items())}
     return {"likelihood": model.likelihood, "size_unit": model.size_unit,
+            "psf_type": getattr(model, "psf_type", None), "core": getattr(model, "core", True),
             "oversample": [list(o) for o in model.oversample], "components": comps,
             "entries": entries, "slots": slots}
 
