@@ -1,8 +1,14 @@
 """Catalogs: a table (CSV, ECSV or FITS) with one row per galaxy → validated rows → Observations.
 
-Columns: ``id``, ``image``, ``sigma``, ``psf`` (required; FITS paths relative to the
-catalog's folder), optional ``mask``, ``mask_keep``, ``zp``, ``pixel_scale``, ``hdu``, and
-per-galaxy initial values ``<component>_<param>`` (e.g. ``sersic_re``, ``bulge_n``).
+Columns: ``id``, ``image``, ``psf`` (required; FITS paths relative to the catalog's folder),
+the noise as one of ``sigma``, ``variance``, ``ivar``, ``weight`` (= ivar) or ``rms`` (= σ)
+(several columns may exist, a row fills at most one; none: σ estimated from the image, with
+``gain`` or the image header's ``GAIN``, see :mod:`galbayes.data`), optional ``mask``,
+``mask_keep`` (segmentation value to keep), ``mask_bits`` (bit planes to reject: an integer
+bitmask or ``"0,2,5"`` bit numbers or ``"BAD,SAT"`` plane names), ``gain``, ``zp``,
+``pixel_scale``, ``hdu``, and per-galaxy initial values ``<component>_<param>`` (e.g.
+``sersic_re``, ``bulge_n``). Any path may name its HDU: ``calexp.fits[VARIANCE]``,
+``file.fits[2]``, ``file.fits[SCI,2]``.
 
 Other columns (``ra``, ``dec``, ``z``, ``notes``, ...) are carried along unread, except those
 that *look like* an initial value but name none of the model's parameters: a column is
@@ -40,8 +46,10 @@ from .data import Observation
 __all__ = ["CatalogError", "CatalogRow", "Catalog", "open_catalog", "read_catalog", "REQUIRED_COLUMNS",
            "OPTIONAL_COLUMNS", "parameter_like"]
 
-REQUIRED_COLUMNS = ("id", "image", "sigma", "psf")
-OPTIONAL_COLUMNS = ("mask", "mask_keep", "zp", "pixel_scale", "hdu")
+REQUIRED_COLUMNS = ("id", "image", "psf")
+NOISE_COLUMNS = ("sigma", "variance", "ivar", "weight", "rms")
+OPTIONAL_COLUMNS = NOISE_COLUMNS + ("mask", "mask_keep", "mask_bits", "gain", "zp", "pixel_scale", "hdu")
+OPTIONAL_COLUMNS += ("psf_type",)   # "effective" (default) or "optical", see galbayes.psf
 PARAM_CUTOFF = 0.8      # difflib ratio above which a column is taken for a misspelt parameter
 STANDARD_CUTOFF = 0.9   # ... for a misspelt standard column
 _FITS_CHUNK = 8192      # FITS rows per memory-mapped range
@@ -58,7 +66,7 @@ class CatalogRow:
     index: int
     id: str
     image: str
-    sigma: str
+    sigma: str | None
     psf: str
     mask: str | None = None
     mask_keep: int | None = None
@@ -67,24 +75,43 @@ class CatalogRow:
     hdu: object = None
     init: dict | None = None
     base: Path = Path(".")
+    variance: str | None = None
+    ivar: str | None = None
+    weight: str | None = None
+    rms: str | None = None
+    mask_bits: object = None
+    gain: float | None = None
+    psf_type: str | None = None
 
     def path(self, p):
-        """``p`` resolved against the catalog's folder (None for an empty path)."""
+        """``p`` resolved against the catalog's folder (None for an empty path); a trailing
+        ``[EXT]`` is kept (see :func:`galbayes.data.split_extension`)."""
         if not p:
             return None
         return p if Path(p).is_absolute() else self.base / p
 
     def files(self) -> list:
-        """The FITS files this row reads (image, σ, PSF, mask), as paths."""
-        return [self.path(p) for p in (self.image, self.sigma, self.psf, self.mask) if p]
+        """The FITS files this row reads (image, noise, PSF, mask), as paths (without ``[EXT]``)."""
+        from .data import split_extension
+
+        out = []
+        for p in (self.image, self.sigma, self.variance, self.ivar, self.weight, self.rms, self.psf, self.mask):
+            if p:
+                f = Path(split_extension(self.path(p))[0])
+                if f not in out:
+                    out.append(f)
+        return out
 
     def load(self) -> Observation:
         """Read and validate the FITS files (raises :class:`~galbayes.errors.InputError`)."""
         path = self.path
+        noise = {k: path(getattr(self, k)) for k in ("sigma", "variance", "ivar", "weight", "rms")
+                 if getattr(self, k)}
         return Observation.from_fits(
-            image=path(self.image), sigma=path(self.sigma), psf=path(self.psf),
+            image=path(self.image), psf=path(self.psf), **noise,
             mask=None if self.mask is None else path(self.mask), mask_keep=self.mask_keep,
-            id=self.id, zp=self.zp, pixel_scale=self.pixel_scale, hdu=self.hdu)
+            mask_bits=self.mask_bits, gain=self.gain,
+            id=self.id, zp=self.zp, pixel_scale=self.pixel_scale, hdu=self.hdu, psf_type=self.psf_type)
 
 
 def _norm(v):
@@ -329,10 +356,18 @@ class Catalog:
             raise CatalogError(f"{self.path}: row {line} (id {rid}): {len(cells)} fields, the header has "
                                f"{len(self.columns)}")
         kw = {}
-        for c in ("image", "sigma", "psf", "mask"):
+        for c in ("image", "psf", "mask") + NOISE_COLUMNS:
             v = get(c)
             kw[c] = None if v is None else str(v)
-        for c, conv in (("mask_keep", _as_int), ("zp", float), ("pixel_scale", float)):
+        given = [c for c in NOISE_COLUMNS if kw[c] is not None]
+        if len(given) > 1:
+            raise CatalogError(f"{self.path}: row {line} (id {rid}): give one noise map, got {given}")
+        v = get("mask_bits")
+        if v is not None:
+            if isinstance(v, float):
+                v = number("mask_bits", _as_int, v)
+            kw["mask_bits"] = v
+        for c, conv in (("mask_keep", _as_int), ("zp", float), ("pixel_scale", float), ("gain", float)):
             v = get(c)
             if v is not None:
                 x = number(c, conv, v)
@@ -341,6 +376,9 @@ class Catalog:
         v = get("hdu")
         if v is not None:
             kw["hdu"] = int(v) if isinstance(v, int) or (isinstance(v, str) and v.isdigit()) else v
+        v = get("psf_type")   # checked when the row is loaded (an InputError naming the galaxy)
+        if v is not None:
+            kw["psf_type"] = str(v).strip()
         init = {}
         for c in self.init_cols:
             v = get(c)
@@ -348,7 +386,7 @@ class Catalog:
                 x = number(c, float, v)
                 if x is not None:
                     init[c] = x
-        for c in ("image", "sigma", "psf"):
+        for c in ("image", "psf"):
             if kw.get(c) is None:
                 kw[c] = ""  # reported per galaxy as a missing file, the run goes on
         if kw.get("mask") is None:

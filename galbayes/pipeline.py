@@ -167,6 +167,15 @@ def _result_row(model, gid, gal, res, j, errors=None) -> dict:
     return row
 
 
+def _input_notes(row: dict, obs) -> dict:
+    """Append the Observation's notes (e.g. "sigma estimated from image ...") to an ``ok``
+    status of its result row."""
+    notes = getattr(obs, "notes", None)
+    if notes and str(row.get("status", "")).startswith("ok"):
+        row["status"] = "; ".join([row["status"]] + list(notes))
+    return row
+
+
 def fit(model: Model, observations, *, init=None, options: MapOptions | None = None,
         batch_size: int | None = None, errors: str = "none", psf_type: str | None = None,
         **option_kw) -> FitOutput:
@@ -205,6 +214,7 @@ def fit(model: Model, observations, *, init=None, options: MapOptions | None = N
     if option_kw:
         opts = MapOptions(**{**opts.__dict__, **option_kw})
     rows, packed, out = {}, [], FitOutput(table=None, model=model)
+    by_id = {}
     order = []
     for i, (obs, ini) in enumerate(zip(observations, inits)):
         gid = obs.id if obs.id is not None else str(i)
@@ -218,9 +228,10 @@ def fit(model: Model, observations, *, init=None, options: MapOptions | None = N
             rows[gid] = {"id": gid, "status": f"error: {exc}"}
             continue
         packed.append((gid, gal))
+        by_id[gid] = obs
     batch_size = batch_size or default_batch_size()
     for gid, gal, _, j, res in _fit_packed(model, packed, opts, batch_size, errors=errors):
-        rows[gid] = _result_row(model, gid, gal, res, j)
+        rows[gid] = _input_notes(_result_row(model, gid, gal, res, j), by_id[gid])
         out.galaxies[gid] = gal
         out.values[gid] = res.values[j]
         if hasattr(res, "cov"):

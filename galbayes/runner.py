@@ -748,7 +748,7 @@ def _fit_batch(model, items, job: ShardJob):
 
 def _fit_shard(model, job: ShardJob, rows: list, loaded: list):
     """Result rows of one shard (in row order) as a table; writes the image blocks."""
-    from .pipeline import _result_row, _write_blocks
+    from .pipeline import _input_notes, _result_row, _write_blocks
 
     out_dir = Path(job.out_dir)
     results: dict = {}
@@ -764,7 +764,8 @@ def _fit_shard(model, job: ShardJob, rows: list, loaded: list):
         for gid, msg in failed.items():
             results[obs_by_id[gid][0].index] = {"id": gid, "status": msg}
         for gid, gal, _, j, res in fitted:
-            results[obs_by_id[gid][0].index] = _result_row(model, gid, gal, res, j, **_errors_kw(_result_row, job))
+            results[obs_by_id[gid][0].index] = _input_notes(
+                _result_row(model, gid, gal, res, j, **_errors_kw(_result_row, job)), obs_by_id[gid][1])
         if job.blocks and fitted:
             try:
                 _write_blocks(model, fitted, results, obs_by_id, out_dir)

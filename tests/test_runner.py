@@ -365,7 +365,8 @@ def test_empty_catalog(tmp_path):
 
 # --------------------------------------------------------------------------- malformed input
 @pytest.mark.parametrize("change, message", [
-    (lambda rows: [{k: v for k, v in r.items() if k != "sigma"} for r in rows], r"missing required column\(s\) \['sigma'\]"),
+    (lambda rows: [{k: v for k, v in r.items() if k != "psf"} for r in rows], r"missing required column\(s\) \['psf'\]"),
+    (lambda rows: rows[:1] + [{**rows[1], "rms": rows[1]["sigma"]}], r"row 2 \(id g00001\): give one noise map"),
     (lambda rows: rows[:2] + [{**rows[2], "id": rows[0]["id"]}], r"duplicate id 'g00000' in rows 1 and 3"),
     (lambda rows: [{**r, "g_size": 3.0} for r in rows], r"column 'g_size' names no parameter"),
     (lambda rows: rows[:1] + [{**rows[1], "zp": "bright"}], r"row 2 \(id g00001\): column 'zp' is not a number"),
