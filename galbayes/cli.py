@@ -27,6 +27,25 @@ def _map_args(p):
     p.add_argument("--seed", type=int, default=None)
 
 
+def _cache_args(p):
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="folder of the persistent XLA compilation cache (default $GALBAYES_CACHE_DIR, "
+                        "else ~/.cache/galbayes/xla or the platform's user cache folder)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not read or write compiled programs (compile everything afresh)")
+
+
+def _setup_cache(args):
+    """Configure the compilation cache from the flags (exported to child processes such as
+    local Dask workers) and start counting compilations."""
+    if not hasattr(args, "no_cache"):
+        return None
+    from . import cache
+
+    cache.configure(args.cache_dir, enabled=not args.no_cache, export=True)
+    return cache.compile_stats()
+
+
 def _options(args):
     from .inference.map import MapOptions
 
@@ -56,13 +75,21 @@ def cmd_fit(args):
     from .pipeline import fit_catalog
     from .recipe import load_recipe
 
+    import time
+
+    stats = _setup_cache(args)
+    t0 = time.perf_counter()
     model = load_recipe(args.model, likelihood=args.likelihood)
     table = fit_catalog(args.catalog, model, args.out, options=_options(args), batch_size=args.batch_size,
                         blocks=not args.no_blocks, progress=not args.quiet,
                         resume=args.resume, shard_size=args.shard_size, dask=args.dask,
                         errors=args.errors)
     n_ok = int(sum(1 for s in table["status"] if s == "ok"))
-    print(f"fitted {n_ok}/{len(table)} galaxies; results in {Path(args.out) / 'results.fits'}")
+    wall = time.perf_counter() - t0
+    print(f"fitted {n_ok}/{len(table)} galaxies in {wall:.1f} s; results in {Path(args.out) / 'results.fits'}")
+    if stats is not None and not args.quiet:
+        where = "off" if args.no_cache else (args.cache_dir or "default folder")
+        print(f"{stats.summary()} (cache: {where}; per-run figures in {Path(args.out) / 'run.json'})")
     if not args.quiet:
         _print_table(table, [k for k in model.free_keys if k in model.keys])
     return 0
@@ -73,6 +100,7 @@ def cmd_demo(args):
     from .pipeline import fit_catalog
     from .recipe import load_recipe
 
+    _setup_cache(args)
     out = Path(args.out)
     by_recipe: dict = {}
     for name, (recipe, _, _) in EXAMPLES.items():
@@ -178,7 +206,8 @@ def build_parser():
     p.add_argument("--model", required=True, help="recipe TOML file or shipped recipe name (see 'galbayes recipes')")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--likelihood", choices=["chi2", "gaussian"], default=None)
-    p.add_argument("--no-blocks", action="store_true", help="do not write blocks/<id>.fits")
+    p.add_argument("--no-blocks", action="store_true",
+                   help="do not write blocks/<id>.fits (catalog runs that only want the table)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out (refused if catalog, recipe or options changed)")
@@ -190,6 +219,7 @@ def build_parser():
                    help="error bars: numpyro Laplace, the paper's (J^T W J)^-1, or a 100-replica pixel "
                         "bootstrap; adds <param>_err columns and covariance/<id>.fits (default none)")
     _map_args(p)
+    _cache_args(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("sample", help="NUTS posteriors of chosen galaxies of a 'galbayes fit' output folder")
@@ -224,6 +254,7 @@ def build_parser():
     p.add_argument("--out", default="galbayes-demo", help="output folder (default ./galbayes-demo)")
     p.add_argument("--no-plots", action="store_true")
     _map_args(p)
+    _cache_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("prepare", help="cutouts or a frame + RA/Dec list -> masks, sigma maps, starting values, "

@@ -705,14 +705,12 @@ def _fail_message(exc: BaseException) -> str:
 
 
 def _batches(packed: list, batch_size: int):
-    """The batches :func:`galbayes.pipeline._fit_packed` forms: grouped by (image, PSF)
-    shape in order of first appearance, consecutive runs of ``batch_size``."""
-    groups: dict = {}
-    for gid, gal in packed:
-        groups.setdefault((gal.image.shape, gal.psf.shape), []).append((gid, gal))
-    for items in groups.values():
-        for start in range(0, len(items), batch_size):
-            yield items[start:start + batch_size]
+    """The groups :func:`galbayes.pipeline._fit_packed` fits through ``batch_size`` slots
+    each: the galaxies of one (image, PSF) shape bucket, in order of first appearance
+    (:func:`galbayes.batching.group_by_shape`)."""
+    from .batching import group_by_shape
+
+    yield from group_by_shape(packed, buckets=True)
 
 
 def _errors_kw(fn, job: ShardJob) -> dict:
@@ -746,8 +744,9 @@ def _fit_batch(model, items, job: ShardJob):
     return fitted, failed
 
 
-def _fit_shard(model, job: ShardJob, rows: list, loaded: list):
-    """Result rows of one shard (in row order) as a table; writes the image blocks."""
+def _fit_shard(model, job: ShardJob, rows: list, loaded: list, deferred: list | None = None):
+    """Result rows of one shard (in row order) as a table; writes the image blocks (or, given
+    a list ``deferred``, appends the block writes to it as calls for a writer thread)."""
     from .pipeline import _input_notes, _result_row, _write_blocks
 
     out_dir = Path(job.out_dir)
@@ -767,16 +766,21 @@ def _fit_shard(model, job: ShardJob, rows: list, loaded: list):
             results[obs_by_id[gid][0].index] = _input_notes(
                 _result_row(model, gid, gal, res, j, **_errors_kw(_result_row, job)), obs_by_id[gid][1])
         if job.blocks and fitted:
-            try:
-                _write_blocks(model, fitted, results, obs_by_id, out_dir)
-            except OSError as exc:
-                if _is_disk_error(exc):  # a full disk or read-only folder stops the run
-                    raise
-                warnings.warn(f"image blocks of {[f[0] for f in fitted]} not written: "
-                              f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
-            except Exception as exc:  # noqa: BLE001  (a block is a by-product; keep the fit)
-                warnings.warn(f"image blocks of {[f[0] for f in fitted]} not written: "
-                              f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+            def write(fitted=fitted):
+                try:
+                    _write_blocks(model, fitted, results, obs_by_id, out_dir)
+                except OSError as exc:
+                    if _is_disk_error(exc):  # a full disk or read-only folder stops the run
+                        raise
+                    warnings.warn(f"image blocks of {[f[0] for f in fitted]} not written: "
+                                  f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+                except Exception as exc:  # noqa: BLE001  (a block is a by-product; keep the fit)
+                    warnings.warn(f"image blocks of {[f[0] for f in fitted]} not written: "
+                                  f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+            if deferred is None:
+                write()
+            else:
+                deferred.append(write)
     missing = [r.id for r in rows if r.index not in results]
     if missing:  # pragma: no cover  (every path above gives each galaxy a row)
         raise RuntimeError(f"no result for galaxies {missing[:5]}")
@@ -784,14 +788,25 @@ def _fit_shard(model, job: ShardJob, rows: list, loaded: list):
     return make_table(model, [results[r.index] for r in rows], **errors_kw)
 
 
-def _finish_shard(model, job: ShardJob, k: int, rows: list, loaded: list, inputs: dict | None = None) -> dict:
-    table = _fit_shard(model, job, rows, loaded)
-    meta = {"GBRUN": job.run_id, "GBSHARD": k, "GBROW0": rows[0].index, "GBNROWS": len(rows)}
-    sha = _write_shard(table, shard_path(job.out_dir, k), meta)
-    n_ok = int(sum(1 for s in table["status"] if s == "ok"))
-    return {"shard": k, "file": f"{SHARD_DIR}/{shard_path(job.out_dir, k).name}", "run_id": job.run_id,
-            "rows": [rows[0].index, rows[-1].index + 1], "sha256": sha, "n_ok": n_ok,
-            "inputs": inputs or {}, "written_ns": time.time_ns()}
+def _finish_shard(model, job: ShardJob, k: int, rows: list, loaded: list, inputs: dict | None = None,
+                  writer=None):
+    """Fit shard ``k`` and write it (blocks, then the shard file); returns its manifest entry,
+    or with a ``writer`` (an executor) a future of it: the writes run there while the
+    caller fits the next shard."""
+    deferred = None if writer is None else []
+    table = _fit_shard(model, job, rows, loaded, deferred)
+
+    def commit():
+        for write in deferred or ():
+            write()
+        meta = {"GBRUN": job.run_id, "GBSHARD": k, "GBROW0": rows[0].index, "GBNROWS": len(rows)}
+        sha = _write_shard(table, shard_path(job.out_dir, k), meta)
+        n_ok = int(sum(1 for s in table["status"] if s == "ok"))
+        return {"shard": k, "file": f"{SHARD_DIR}/{shard_path(job.out_dir, k).name}", "run_id": job.run_id,
+                "rows": [rows[0].index, rows[-1].index + 1], "sha256": sha, "n_ok": n_ok,
+                "inputs": inputs or {}, "written_ns": time.time_ns()}
+
+    return commit() if writer is None else writer.submit(commit)
 
 
 def run_shard(job: ShardJob, k: int, rows: list) -> dict:
@@ -813,12 +828,18 @@ def _run_local(job: ShardJob, model, todo: list, shard_rows, record, prefetch: b
 
     if not todo:
         return
-    with use_devices(job.devices), ThreadPoolExecutor(max_workers=1) as pool:
+    # One writer thread: a shard's blocks and shard file are written (and then recorded, in
+    # order, by this thread) while the next shard is fitted.
+    with use_devices(job.devices), ThreadPoolExecutor(max_workers=1) as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="galbayes-writer") as writer:
         future = pool.submit(load, todo[0]) if prefetch else None
+        committing = None
         for i, k in enumerate(todo):
             if stop is not None and stop():
                 if future is not None:
                     future.cancel()
+                if committing is not None:
+                    record(committing.result())
                 return
             if prefetch:
                 rows, inputs, loaded = future.result()
@@ -826,8 +847,12 @@ def _run_local(job: ShardJob, model, todo: list, shard_rows, record, prefetch: b
                     future = pool.submit(load, todo[i + 1])
             else:
                 rows, inputs, loaded = load(k)
-            record(_finish_shard(model, job, k, rows, loaded, inputs=inputs))
+            done = _finish_shard(model, job, k, rows, loaded, inputs=inputs, writer=writer)
+            if committing is not None:
+                record(committing.result())
+            committing = done
             del rows, loaded
+        record(committing.result())
 
 
 def _dask_client(dask):
