@@ -309,3 +309,31 @@ def test_duplicate_ids_are_not_merged(model, general):
     t = out.table
     assert len(t) == BATCH
     assert not np.isclose(float(t[0]["sersic_re"]), float(t[1]["sersic_re"]), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- rounds
+def test_rounds_with_refill_equal_one_pass_per_galaxy(model, general, capped):
+    """The round-based driver (2 slots for 8 galaxies, 2 iterations per round: finished
+    galaxies hand their slot to waiting ones many times) gives every galaxy the iterations of
+    the one-pass reference fit (`_fit_one`: its whole SVI loop, then its LM loop, vmapped over
+    the batch): same step counts and answers to float rounding."""
+    from galbayes.inference import map as map_module
+    from galbayes.model import Model
+
+    mocks = general[:BATCH]
+    batch = Model.stack([model.pack(m.obs, m.init) for m in mocks])
+    opts = map_module.MapOptions(**BUDGET)
+    one = jax.jit(jax.vmap(lambda g, k: map_module._fit_one(model, opts, g, k)))
+    ref = jax.device_get(one(jax.tree_util.tree_map(jnp.asarray, batch),
+                             jax.random.split(jax.random.PRNGKey(0), BATCH)))
+    res = map_module.fit_map(model, batch, options=opts, slots=2, round_iter=2)
+    values = model.wrap_angles(np.asarray(ref[0], np.float64))
+    print(f"\nmax |dvalues| {np.max(np.abs(res.values - values), axis=0)}; "
+          f"max |dchi2| {np.max(np.abs(res.chi2 - ref[1])):.2e}")
+    np.testing.assert_array_equal(res.n_svi, ref[3])
+    np.testing.assert_array_equal(res.n_lm, ref[4])
+    np.testing.assert_array_equal(res.converged, ref[5])
+    np.testing.assert_allclose(res.values, values, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(res.chi2, ref[1], rtol=1e-6)
+    # and the pipeline's default (8 slots, one round program) agrees with both
+    np.testing.assert_allclose(_values(capped, [m.obs.id for m in mocks]), res.values, rtol=1e-4, atol=1e-6)
