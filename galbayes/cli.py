@@ -79,7 +79,7 @@ def cmd_fit(args):
 
     stats = _setup_cache(args)
     t0 = time.perf_counter()
-    model = load_recipe(args.model, likelihood=args.likelihood)
+    model = load_recipe(args.model, likelihood=args.likelihood, psf_type=args.psf_type)
     table = fit_catalog(args.catalog, model, args.out, options=_options(args), batch_size=args.batch_size,
                         blocks=not args.no_blocks, progress=not args.quiet,
                         resume=args.resume, shard_size=args.shard_size, dask=args.dask,
@@ -206,6 +206,9 @@ def build_parser():
     p.add_argument("--model", required=True, help="recipe TOML file or shipped recipe name (see 'galbayes recipes')")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--likelihood", choices=["chi2", "gaussian"], default=None)
+    p.add_argument("--psf-type", choices=["effective", "optical"], default=None,
+                   help="PSF images include the pixel response ('effective', default: PSFs measured from stars) "
+                        "or are sampled at pixel centres ('optical'); a catalog psf_type column wins per galaxy")
     p.add_argument("--no-blocks", action="store_true",
                    help="do not write blocks/<id>.fits (catalog runs that only want the table)")
     p.add_argument("--quiet", action="store_true")
