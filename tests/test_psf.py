@@ -222,3 +222,14 @@ def test_undersampled_effective_psf_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _sersic_model().pack(obs_opt)
+
+
+def test_recipe_psf_type_key_and_override():
+    from galbayes.recipe import recipe_from_dict
+
+    cfg = {"psf_type": "optical", "components": {"s": {"profile": "sersic"}}}
+    assert recipe_from_dict(cfg).psf_type == "optical"
+    assert recipe_from_dict(cfg, psf_type="effective").psf_type == "effective"
+    assert recipe_from_dict({"components": {"s": {"profile": "sersic"}}}).psf_type is None
+    with pytest.raises(gb.ModelError, match="unknown PSF type"):
+        recipe_from_dict(dict(cfg, psf_type="pixelated"))
