@@ -133,7 +133,8 @@ def cmd_sample(args):
     summary, skipped = sample_results(args.results_dir, ids=args.ids, worst=args.worst, rows=args.rows,
                                       where=args.where, chains=args.chains,
                                       draws=args.draws, warmup=args.warmup, seed=args.seed or 0,
-                                      likelihood=args.likelihood, batch_size=args.batch_size)
+                                      likelihood=args.likelihood, batch_size=args.batch_size,
+                                      log_likelihood=args.log_likelihood)
     for gid, why in skipped.items():
         print(f"skipped {gid}: {why}", file=sys.stderr)
     out = Path(args.results_dir)
@@ -242,6 +243,9 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=None,
                    help="galaxies whose chains run together (default 1 on CPU, 16 on GPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-likelihood", action="store_true",
+                   help="store per-pixel log-likelihoods of every draw in posteriors/<id>.nc (PSIS-LOO in "
+                        "'galbayes compare'; n_pix x chains x draws floats per galaxy)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("compare", help="model choice (BIC, AIC, PSIS-LOO) between runs of one catalog")

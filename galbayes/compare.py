@@ -20,10 +20,10 @@ Raftery scale). ``preferred_aic`` is the AIC choice.
 PSIS-LOO (``elpd_loo_<run>``, ``elpd_loo_se_<run>``, ``preferred_loo``) comes from arviz
 (:func:`arviz.loo`, pixels as the observations) for galaxies with a NUTS posterior
 ``posteriors/<id>.nc`` (``galbayes sample``) that holds a ``log_likelihood`` group (pointwise,
-per-pixel log-likelihoods of every draw). ``galbayes sample`` does not store that group today
-(n_pix × chains × draws numbers: ~260 MB in float32 for a 128² stamp and 4 × 1000 draws), so
-the LOO columns are NaN unless such a group was added to the posterior file; a posterior
-without it is said so in ``note``.
+per-pixel log-likelihoods of every draw): ``galbayes sample --log-likelihood`` stores it
+(:func:`galbayes.inference.nuts.pointwise_loglike`; opt-in, as it is n_pix × chains × draws
+float32 numbers, ~260 MB for a 128² stamp and 4 × 1000 draws). Elsewhere the LOO columns are
+NaN; a posterior without the group is said so in ``note``, and Pareto k > 0.7 warnings too.
 
 A galaxy whose status in a run is not ``ok…`` is left out of that run's comparison (its
 columns NaN) and the ``note`` column says so; the preference is made among the remaining runs.
@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,9 @@ def _loo(path: Path):
         return math.nan, math.nan, "no pointwise log-likelihood in its posterior"
     names = list(idata.log_likelihood.data_vars)
     try:
-        elpd = az.loo(idata, var_name=names[0] if len(names) == 1 else None)
+        with warnings.catch_warnings():   # the Pareto k warning goes to the note instead
+            warnings.simplefilter("ignore", UserWarning)
+            elpd = az.loo(idata, var_name=names[0] if len(names) == 1 else None)
     except Exception as exc:  # noqa: BLE001
         return math.nan, math.nan, f"PSIS-LOO failed: {exc}"
     problem = "PSIS-LOO: Pareto k > 0.7 for some pixels" if getattr(elpd, "warning", False) else ""

@@ -205,3 +205,56 @@ def test_cli_compare(runs, tmp_path, capsys):
     rc = main(["compare", str(runs["sersic"]), str(other), "--out", str(tmp_path / "x.fits")])
     assert rc == 2 and "different catalogs" in capsys.readouterr().err
     assert not (tmp_path / "x.fits").exists()
+
+
+def test_pointwise_log_likelihoods_of_nuts_draws_feed_loo(runs, tmp_path):
+    """galbayes.inference.nuts.pointwise_loglike (what `galbayes sample --log-likelihood`
+    stores): per unmasked pixel −½((D − M)/σ)² − ln σ√2π at each draw, summing to the Gaussian
+    log-likelihood; written by to_inference_data as the log_likelihood group compare reads."""
+    import arviz as az
+    import jax.numpy as jnp
+
+    from galbayes.data import Observation
+    from galbayes.inference.nuts import NutsResult, pointwise_loglike, to_inference_data
+    from galbayes.likelihood import chi2 as chi2_of, gaussian_loglike
+    from galbayes.mocks import sersic_mocks
+    from galbayes.recipe import load_recipe
+
+    m = sersic_mocks(1, size=24, psf_size=9, seed=3, re_range=(2.0, 4.0))[0]
+    mask = np.zeros((24, 24), int)
+    mask[:3] = 1
+    obs = Observation(image=m.obs.image, sigma=m.obs.sigma, psf=m.obs.psf, mask=mask, id="s0")
+    model = load_recipe("sersic")
+    gal = model.pack(obs, m.truth)
+    rng = np.random.default_rng(0)
+    chains, draws = 2, 40
+    base = np.asarray(gal.values0, np.float64)
+    samples = np.repeat(base[None, None], chains * draws, axis=0).reshape(chains, draws, -1).copy()
+    for k in ("sersic_xc", "sersic_yc"):
+        samples[..., model.keys.index(k)] += rng.normal(0, 0.05, (chains, draws))
+    ll = pointwise_loglike(model, gal, samples, chunk=32)
+    assert ll.shape == (chains, draws, 24 * 21)
+    v = samples[1, 7]
+    img = np.asarray(model.render(jnp.asarray(v, jnp.float32), gal), np.float64)
+    use = np.asarray(gal.weight) > 0
+    sig = np.asarray(gal.sigma, np.float64)
+    direct = (-0.5 * ((np.asarray(gal.image) - img) / sig) ** 2 - np.log(sig * np.sqrt(2 * np.pi)))[use]
+    np.testing.assert_allclose(ll[1, 7], direct, rtol=1e-4, atol=1e-4)
+    total = float(gaussian_loglike(chi2_of(gal.image, jnp.asarray(img, jnp.float32), gal.sigma, gal.weight),
+                                   gal.sigma, gal.weight))
+    assert ll[1, 7].sum() == pytest.approx(total, rel=1e-4)
+
+    keys, free = list(model.keys), list(model.free_keys)
+    res = NutsResult(samples=samples[None], r_hat=np.ones((1, len(free))), ess_bulk=np.ones((1, len(free))),
+                     divergences=np.zeros(1, int), mean_tree_steps=np.ones(1), step_size=np.ones((1, chains)),
+                     accept_prob=np.ones(1), potential=-ll.sum(-1)[None], diverging=np.zeros((1, chains, draws), bool),
+                     num_steps=np.ones((1, chains, draws), int), likelihood="gaussian", free_keys=free, keys=keys,
+                     wall_time=0.0, compile_time=0.0)
+    idata = to_inference_data(model, res, 0, galaxy_id="s0", log_likelihood=ll)
+    a = _copy_run(runs["sersic"], tmp_path / "sersic", lambda t: t)
+    (a / "posteriors").mkdir()
+    idata.to_netcdf(str(a / "posteriors" / "s0.nc"))
+    table = compare_runs([a, runs["bulge_disk"]])
+    row = table[list(table["id"]).index("s0")]
+    assert row["elpd_loo_sersic"] == pytest.approx(float(az.loo(idata)["elpd_loo"]))
+    assert np.isfinite(row["elpd_loo_se_sersic"]) and str(row["preferred_loo"]) == ""  # one run has no LOO

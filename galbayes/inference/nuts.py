@@ -78,7 +78,7 @@ from ..model import GalaxyArrays, Model
 from .laplace import invert_curvature, values_into_bounds
 
 __all__ = ["NutsResult", "run_nuts", "to_inference_data", "save_posteriors", "summary_rows",
-           "sample_results"]
+           "sample_results", "pointwise_loglike"]
 
 
 class NutsResult(NamedTuple):
@@ -342,8 +342,45 @@ def _diagnostics(model, vals, chains):
     return r_hat, ess
 
 
-def to_inference_data(model: Model, result: NutsResult, j: int, *, galaxy_id=None, map_values=None):
-    """ArviZ InferenceData of galaxy ``j``: free parameters in user units + sample stats."""
+_LOGLIKE: dict = {}
+
+
+def pointwise_loglike(model: Model, gal: GalaxyArrays, samples, *, chunk: int = 128) -> np.ndarray:
+    """Gaussian log-likelihood of every unmasked pixel at every draw, for PSIS-LOO
+    (:func:`arviz.loo`, :mod:`galbayes.compare`): ``−½ ((D − M)/σ)² − ln(σ √(2π))``.
+
+    ``gal`` is one galaxy's packed arrays, ``samples`` its ``(C, D, E)`` draws in user units
+    (``NutsResult.samples[j]``). Returns ``(C, D, n_pix)`` float32, the unmasked pixels in
+    row-major order. Draws are rendered ``chunk`` at a time (one compiled shape)."""
+    samples = np.asarray(samples, np.float64)
+    c, d, e = samples.shape
+    flat = samples.reshape(c * d, e)
+    if id(model) not in _LOGLIKE:
+        def one(v, g):
+            r = (g.image - model.render(v, g)) / g.sigma
+            return -0.5 * r * r - jnp.log(g.sigma * jnp.sqrt(2.0 * jnp.pi))
+
+        _LOGLIKE[id(model)] = (model, jax.jit(jax.vmap(one, in_axes=(0, None))))
+    fn = _LOGLIKE[id(model)][1]
+    g = jax.tree_util.tree_map(jnp.asarray, gal)
+    use = np.asarray(gal.weight).reshape(-1) > 0
+    size = min(chunk, len(flat))
+    out = np.empty((len(flat), int(use.sum())), np.float32)
+    for start in range(0, len(flat), size):
+        part = flat[start:start + size]
+        n = len(part)
+        if n < size:
+            part = np.concatenate([part, np.repeat(part[-1:], size - n, axis=0)])
+        ll = np.asarray(fn(jnp.asarray(part, jnp.float32), g)).reshape(size, -1)
+        out[start:start + n] = ll[:n, use]
+    return out.reshape(c, d, -1)
+
+
+def to_inference_data(model: Model, result: NutsResult, j: int, *, galaxy_id=None, map_values=None,
+                      log_likelihood=None):
+    """ArviZ InferenceData of galaxy ``j``: free parameters in user units + sample stats;
+    with ``log_likelihood`` (``(C, D, n_pix)``, :func:`pointwise_loglike`) a
+    ``log_likelihood`` group (variable ``pixels``) for PSIS-LOO."""
     import arviz as az
 
     posterior = {k: result.samples[j, :, :, result.keys.index(k)] for k in result.free_keys}
@@ -358,7 +395,8 @@ def to_inference_data(model: Model, result: NutsResult, j: int, *, galaxy_id=Non
     if map_values is not None:
         for k, v in zip(result.keys, map_values):
             attrs[f"map_{k}"] = float(v)
-    idata = az.from_dict(posterior=posterior, sample_stats=stats, attrs=attrs)
+    extra = {} if log_likelihood is None else {"log_likelihood": {"pixels": np.asarray(log_likelihood)}}
+    idata = az.from_dict(posterior=posterior, sample_stats=stats, attrs=attrs, **extra)
     idata.posterior.attrs.update(attrs)     # also on the group (what most readers look at)
     return idata
 
@@ -372,16 +410,24 @@ def summary_rows(result: NutsResult, ids) -> list:
     return rows
 
 
-def save_posteriors(model: Model, result: NutsResult, ids, out_dir, *, map_values=None) -> list:
-    """Write ``out_dir/<id>.nc`` (ArviZ netCDF) per galaxy; returns the paths."""
+def save_posteriors(model: Model, result: NutsResult, ids, out_dir, *, map_values=None,
+                    batch: GalaxyArrays | None = None) -> list:
+    """Write ``out_dir/<id>.nc`` (ArviZ netCDF) per galaxy; returns the paths. Given the
+    galaxies' packed ``batch``, each file also gets the pointwise (per-pixel) Gaussian
+    log-likelihoods of every draw (:func:`pointwise_loglike`; n_pix × chains × draws float32,
+    e.g. 260 MB for a 128² stamp and 4 × 1000 draws), which PSIS-LOO needs."""
     from ..results import safe_name
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for j, gid in enumerate(ids):
+        ll = None
+        if batch is not None:
+            ll = pointwise_loglike(model, jax.tree_util.tree_map(lambda a: np.asarray(a)[j], batch),
+                                   result.samples[j])
         idata = to_inference_data(model, result, j, galaxy_id=gid,
-                                  map_values=None if map_values is None else map_values[j])
+                                  map_values=None if map_values is None else map_values[j], log_likelihood=ll)
         path = out_dir / f"{safe_name(gid)}.nc"
         idata.to_netcdf(str(path))
         paths.append(path)
@@ -438,7 +484,8 @@ def _where_mask(table, where: str) -> np.ndarray:
 
 def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None, where: str | None = None,
                    chains: int = 4, draws: int = 1000, warmup: int = 500, seed: int = 0,
-                   likelihood: str = "gaussian", batch_size: int | None = None):
+                   likelihood: str = "gaussian", batch_size: int | None = None,
+                   log_likelihood: bool = False):
     """NUTS for chosen galaxies of a ``galbayes fit`` output folder (``galbayes sample``).
 
     Reads ``results_dir/run.json`` (catalog and recipe, written by
@@ -467,6 +514,10 @@ def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None
         waits for its deepest tree and a CPU gains nothing from wider vectors:
         ``benchmarks/bench_errors.py`` measured 0.6× the throughput of one galaxy at a time
         with 8 galaxies), 16 on GPU/TPU.
+    log_likelihood : bool
+        Also store each draw's per-pixel Gaussian log-likelihood in ``posteriors/<id>.nc``
+        (a ``log_likelihood`` group, for PSIS-LOO in ``galbayes compare``; large: n_pix ×
+        chains × draws float32). Needs ``likelihood="gaussian"``.
 
     Returns
     -------
@@ -482,6 +533,9 @@ def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None
 
     if batch_size is None:
         batch_size = 1 if jax.default_backend() == "cpu" else 16
+    if log_likelihood and likelihood != "gaussian":
+        raise InputError("pointwise log-likelihoods (for PSIS-LOO) need likelihood='gaussian': the chi2 "
+                         "likelihood does not split into pixels", what="log_likelihood")
     results_dir = Path(results_dir)
     run_path = results_dir / "run.json"
     if not run_path.is_file():
@@ -533,7 +587,8 @@ def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None
         res = run_nuts(model, batch, np.asarray(batch.values0, np.float64), chains=chains, draws=draws,
                        warmup=warmup, seed=seed, likelihood=likelihood, batch_size=batch_size)
         save_posteriors(model, res, gids, results_dir / "posteriors",
-                        map_values=np.asarray(batch.values0, np.float64))
+                        map_values=np.asarray(batch.values0, np.float64),
+                        batch=batch if log_likelihood else None)
         summary.extend(summary_rows(res, gids))
     new = Table(rows=summary, names=["id", "param", "mean", "sd", "r_hat", "ess_bulk", "divergences"]) \
         if summary else Table(names=["id", "param", "mean", "sd", "r_hat", "ess_bulk", "divergences"],
