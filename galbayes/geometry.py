@@ -287,8 +287,10 @@ def core_patch(fn, grid: Grid, xc, yc, *, shape, origin=(0.0, 0.0)):
     fan, fr0, fc0 = fan_block(fn_fine, grid, (xc - xf0) * f, (yc - yf0) * f, size=3, shape=sub.shape)
     sub = lax.dynamic_update_slice(sub, fan.astype(sub.dtype), (fr0, fc0))
     radius = (size - 1) / 2.0
-    d = jnp.sqrt((xx - xc) ** 2 + (yy - yc) ** 2 + 1e-12)
-    w = jnp.where(d < radius, jnp.cos(0.5 * jnp.pi * jnp.minimum(d, radius) / radius) ** 2, 0.0)
+    # w = (1 - d²/R²)² inside R: a polynomial in d² (no sqrt: smooth second derivatives for
+    # the Laplace Hessian), 1 - w ≈ 2d²/R² removes the cusp from the remainder, C¹ at R
+    u = 1.0 - ((xx - xc) ** 2 + (yy - yc) ** 2) / radius**2
+    w = jnp.where(u > 0, u, 0.0) ** 2
     core = sub * w
     box = M @ sub @ M.T
     delta = D @ core @ D.T - g @ (M @ core @ M.T) @ g.T
