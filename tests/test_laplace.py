@@ -47,7 +47,8 @@ class Calibration(NamedTuple):
 def sersic_model(**kw):
     return gb.Model([gb.Component("sersic", "sersic", {"re": {"bounds": [0.3, 40.0]},
                                                        "n": {"bounds": [0.3, 8.0]}})],
-                    likelihood="gaussian", oversample=kw.pop("oversample", OVERSAMPLE), **kw)
+                    likelihood="gaussian", oversample=kw.pop("oversample", OVERSAMPLE),
+                    psf_type=kw.pop("psf_type", "optical"), **kw)   # galsim_mock's PSF is sampled
 
 
 def galsim_mock():
@@ -58,7 +59,7 @@ def galsim_mock():
     from galbayes.mocks import moffat_psf
 
     t = TRUTH
-    psf = moffat_psf(PSF_SIZE, fwhm=PSF_FWHM)
+    psf = moffat_psf(PSF_SIZE, fwhm=PSF_FWHM, psf_type="optical")   # sampled at pixel centres
     gal = galsim.Sersic(n=t["sersic_n"], half_light_radius=t["sersic_re"] * np.sqrt(t["sersic_q"]),
                         flux=10 ** (-0.4 * (t["sersic_mag"] - ZP)))
     gal = gal.shear(q=t["sersic_q"], beta=(t["sersic_pa"] + 90.0) * galsim.degrees)
