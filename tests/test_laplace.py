@@ -393,7 +393,10 @@ def test_hessian_equals_autodiff_of_numpyro_potential(recipe, oversample):
     print(f"\n{recipe}: max |assembled - autodiff| = {err:.1e}, Gauss-Newton alone {gn_err:.1e} "
           "(unit-diagonal scale)")
     assert gn_err > 1e-2
-    assert err < 1e-3
+    # float32: the second-order term is up to ~100x the Hessian in this scale, and the default
+    # pixel integration (band-limited core) sums many more terms, so its agreement is at the
+    # 1e-3 level (measured 2.8-3.1e-3); a missing or wrong term shows as O(1) (Gauss-Newton: >1e-2).
+    assert err < (5e-3 if oversample is None else 1e-3)
 
 
 def test_reusing_the_fits_gauss_newton_matrix_gives_the_same_errors():
