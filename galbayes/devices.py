@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .batching import pad_rows
+
 __all__ = ["AXIS", "galaxy_mesh", "batch_sharding", "use_devices", "active_mesh", "n_devices",
            "padded_to_devices", "pad_leading", "shard_batch", "place_batch", "place_tree", "data_parallel"]
 
@@ -62,15 +64,8 @@ def padded_to_devices(n: int, count: int) -> int:
     return max(-(-int(n) // count), 1) * count
 
 
-def pad_leading(tree, size: int):
-    """Pad every leaf along axis 0 to ``size`` by repeating its last entry (numpy)."""
-    def pad(x):
-        x = np.asarray(x)
-        extra = size - x.shape[0]
-        if extra <= 0:
-            return x
-        return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)], axis=0)
-    return jax.tree_util.tree_map(pad, tree)
+#: Pad every leaf along axis 0 to ``size`` by repeating its last entry (one rule, in batching).
+pad_leading = pad_rows
 
 
 def shard_batch(tree, mesh: Mesh):
