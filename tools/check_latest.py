@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                 print("  " + line)
         results = {}
         repro = str(ROOT / "tools" / "repro_jaxlib_crash.py")
-        for case in ("fan", "hessian", "nuts"):
+        for case in ("reduce7d", "fan", "hessian", "nuts"):
             results[f"reproducer {case} (this CPU)"] = subprocess.run([str(py), repro, case], cwd=ROOT).returncode
         qemu = shutil.which("qemu-x86_64")
         if qemu and not args.no_emulation:
@@ -77,9 +77,10 @@ def main(argv=None) -> int:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, str(ROOT)]))
             base = os.path.realpath(subprocess.run([str(py), "-c", "import sys; print(sys._base_executable)"],
                                                    capture_output=True, text=True, check=True).stdout.strip())
-            rc = subprocess.run([qemu, "-cpu", "Haswell", base, repro, "fan"], cwd=ROOT, env=env,
-                                stderr=subprocess.DEVNULL).returncode
-            results["reproducer fan (emulated AVX2 CPU)"] = rc
+            for case in ("reduce7d", "fan"):
+                rc = subprocess.run([qemu, "-cpu", "Haswell", base, repro, case], cwd=ROOT, env=env,
+                                    stderr=subprocess.DEVNULL).returncode
+                results[f"reproducer {case} (emulated AVX2 CPU)"] = rc
         elif not args.no_emulation:
             print("qemu-x86_64 not found (apt-get install qemu-user): emulated AVX2 run skipped")
         if args.tests != "none":
