@@ -56,6 +56,7 @@ import numpy as np
 
 from .batching import bucket_size
 from .errors import InputError
+from .status import OK
 
 __all__ = ["estimate_background", "estimate_sigma", "psf_fwhm", "psf_r50", "snap_shape", "detect",
            "measure_target", "analyse_cutout", "CutoutAnalysis", "data_bounds", "prepare_cutouts",
@@ -623,7 +624,7 @@ class _Writer:
                     "sersic_re": e["re"], "sersic_mag": e["mag"], "sersic_n": e["n"]})
         row["prepare_note"] = "; ".join(an.notes)
         self.rows.append(row)
-        self.status.append({"id": gid, "status": "ok", "note": row["prepare_note"]})
+        self.status.append({"id": gid, "status": OK, "note": row["prepare_note"]})
         if self.bounds:
             self.brows.append({"id": gid, **data_bounds(e)})
 

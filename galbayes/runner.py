@@ -102,6 +102,7 @@ from .catalog import CatalogError, open_catalog
 from .devices import use_devices
 from .inference.map import MapOptions
 from .results import _fsync_dir, atomic_write, fits_text, make_table
+from .status import fit_failed, input_error, is_clean
 
 __all__ = ["run_catalog", "ResumeError", "OutputError", "RunInterrupted", "EXIT_INTERRUPTED",
            "run_fingerprint", "describe_model", "shard_path", "read_manifest", "MANIFEST_NAME",
@@ -685,7 +686,7 @@ def _load_rows(model, rows) -> list:
         try:
             out.extend(_load_chunk(model, [row]))
         except Exception as exc:  # noqa: BLE001  (any unreadable input is one galaxy's problem)
-            out.append((row, None, None, f"error: galaxy {row.id}: cannot load: {type(exc).__name__}: {exc}"))
+            out.append((row, None, None, input_error(f"galaxy {row.id}: cannot load: {type(exc).__name__}: {exc}")))
     return out
 
 
@@ -701,7 +702,7 @@ def _is_disk_error(exc: BaseException) -> bool:
 
 def _fail_message(exc: BaseException) -> str:
     msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return "fit failed: " + (msg if len(msg) <= 300 else msg[:299] + "…")
+    return fit_failed(msg if len(msg) <= 300 else msg[:299] + "…")
 
 
 def _batches(packed: list, batch_size: int):
@@ -801,7 +802,7 @@ def _finish_shard(model, job: ShardJob, k: int, rows: list, loaded: list, inputs
             write()
         meta = {"GBRUN": job.run_id, "GBSHARD": k, "GBROW0": rows[0].index, "GBNROWS": len(rows)}
         sha = _write_shard(table, shard_path(job.out_dir, k), meta)
-        n_ok = int(sum(1 for s in table["status"] if s == "ok"))
+        n_ok = int(sum(1 for s in table["status"] if is_clean(s)))  # exactly "ok": unflagged, no notes
         return {"shard": k, "file": f"{SHARD_DIR}/{shard_path(job.out_dir, k).name}", "run_id": job.run_id,
                 "rows": [rows[0].index, rows[-1].index + 1], "sha256": sha, "n_ok": n_ok,
                 "inputs": inputs or {}, "written_ns": time.time_ns()}

@@ -500,7 +500,8 @@ def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None
     ids : list of str, optional
         Galaxies to sample.
     worst : int, optional
-        And/or: the ``worst`` galaxies with status ``ok…`` and the highest reduced χ².
+        And/or: the ``worst`` usable galaxies (:func:`galbayes.status.is_usable`: status
+        ``ok`` or ``ok; …``) with the highest reduced χ².
     rows : array of bool or int, optional
         And/or: a row mask over ``results.fits`` (length = its number of rows) or 0-based
         row indices.
@@ -530,6 +531,7 @@ def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None
     from ..catalog import read_catalog
     from ..errors import InputError, ModelError
     from ..recipe import load_recipe
+    from ..status import is_usable
 
     if batch_size is None:
         batch_size = 1 if jax.default_backend() == "cpu" else 16
@@ -551,7 +553,7 @@ def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None
     skipped = {}
     chosen = [str(i) for i in (ids or [])]
     if worst is not None:
-        good = [i for i, s in enumerate(status) if s.startswith("ok")]
+        good = [i for i, s in enumerate(status) if is_usable(s)]
         good.sort(key=lambda i: -float(table["chi2_red"][i]))
         chosen += [str(table["id"][i]) for i in good[:worst]]
     if rows is not None:
@@ -562,7 +564,7 @@ def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None
     for gid in ids:
         if gid not in by_id:
             skipped[gid] = "not in results.fits"
-        elif not str(by_id[gid]["status"]).startswith("ok"):
+        elif not is_usable(by_id[gid]["status"]):
             skipped[gid] = f"its MAP fit failed ({by_id[gid]['status']})"
     wanted = [g for g in ids if g not in skipped]
     rows = {r.id: r for r in read_catalog(run["catalog"], model=model) if r.id in set(wanted)}
