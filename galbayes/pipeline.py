@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from .inference.map import MapOptions, MapResult, fit_map
 from .model import GalaxyArrays, Model
 from .psf import PSF_TYPES
 from .results import make_table, safe_name, write_block
+from .status import fit_status, input_error, with_notes
 
 __all__ = ["fit", "fit_catalog", "FitOutput", "render_batch"]
 
@@ -86,20 +88,57 @@ class ErrorRequest:
     covariance_dir: str | None = None
 
 
-def _error_method(errors) -> str:
-    method = getattr(errors, "method", errors) or "none"
+def _error_request(errors) -> ErrorRequest:
+    """``errors`` (None, a method name or an :class:`ErrorRequest`) as an ErrorRequest, its
+    method checked."""
+    if isinstance(errors, ErrorRequest):
+        method, cov_dir = errors.method or "none", errors.covariance_dir
+    else:
+        method, cov_dir = errors or "none", None
     if method not in ERROR_METHODS:
         raise ValueError(f"errors must be one of {ERROR_METHODS}, got {method!r}")
-    return method
+    return ErrorRequest(method, cov_dir)
 
 
-def _with_errors(model, batch, res, errors, options=None, batch_size=None):
-    """Attach error bars of a fitted batch to its MapResult (``err``, ``cov``, ``err_flags``):
-    ``"laplace"`` = numpyro Laplace (Hessian), ``"jacobian"`` = the paper's (JᵀWJ)⁻¹,
-    ``"bootstrap"`` = pixel bootstrap (galbayes.inference)."""
+def _error_method(errors) -> str:
+    return _error_request(errors).method
+
+
+class ErrorEstimate(NamedTuple):
+    """Error bars of a fitted group of galaxies (leading axis = galaxy), whichever method
+    made them (:func:`_error_estimate`).
+
+    method : {"laplace", "jacobian", "bootstrap"}
+    errors : (B, E) 1σ error of every entry in user units (0 for fixed entries).
+    covariance : (B, S, S) covariance of the free parameters (``model.free_keys`` order).
+    flags : list of B strings, :data:`galbayes.status.OK` or the problems.
+    """
+
+    method: str
+    errors: np.ndarray
+    covariance: np.ndarray
+    flags: list
+
+
+class FittedGalaxy(NamedTuple):
+    """One galaxy out of :func:`_fit_packed`: its own (unpadded) arrays, the padded group it
+    was fitted in, its row ``j`` in the group's fit and error estimate."""
+
+    gid: str
+    gal: GalaxyArrays
+    batch: GalaxyArrays
+    j: int
+    fit: MapResult
+    errors: ErrorEstimate | None = None   # None when no error bars were asked for
+
+
+def _error_estimate(model, batch, res, errors, options=None, batch_size=None) -> ErrorEstimate | None:
+    """Error bars of a fitted batch (None for ``errors`` "none"): ``"laplace"`` = numpyro
+    Laplace (Hessian), ``"jacobian"`` = the paper's (JᵀWJ)⁻¹, ``"bootstrap"`` = pixel
+    bootstrap (galbayes.inference)."""
     method = _error_method(errors)
     if method == "none":
-        return res
+        return None
     from .inference import bootstrap_errors, laplace_errors
 
     if method == "bootstrap":
@@ -107,21 +146,15 @@ def _with_errors(model, batch, res, errors, options=None, batch_size=None):
     else:
         est = laplace_errors(model, batch, res, method="hessian" if method == "laplace" else "jacobian",
                              batch_size=batch_size)
-    out = _MapWithErrors(*res)
-    out.err, out.cov, out.err_flags, out.err_method = est.errors, est.covariance, est.flags, method
-    return out
+    return ErrorEstimate(method, est.errors, est.covariance, est.flags)
 
 
-class _MapWithErrors(MapResult):
-    """A MapResult carrying error bars as attributes (see :func:`_with_errors`)."""
-
-
-def _write_covariance(model, gid, res, j, directory) -> None:
+def _write_covariance(model, gid, est: ErrorEstimate, j, directory) -> None:
     from astropy.io import fits
 
-    hdu = fits.PrimaryHDU(np.asarray(res.cov[j], np.float64))
-    hdu.header["METHOD"] = res.err_method
-    hdu.header["FLAG"] = str(res.err_flags[j])[:68]
+    hdu = fits.PrimaryHDU(np.asarray(est.covariance[j], np.float64))
+    hdu.header["METHOD"] = est.method
+    hdu.header["FLAG"] = str(est.flags[j])[:68]
     for s, key in enumerate(model.free_keys):
         hdu.header[f"PAR{s}"] = key
     path = Path(directory) / f"{safe_name(gid)}.fits"
@@ -132,49 +165,49 @@ def _write_covariance(model, gid, res, j, directory) -> None:
 def _fit_packed(model, packed: list, options: MapOptions, batch_size: int, errors=None, render: bool = True):
     """Fit ``[(gid, GalaxyArrays)]`` grouped by stamp/PSF bucket (padded to it, see
     :mod:`galbayes.batching`), each group through ``batch_size`` slots (a finished galaxy's
-    slot goes to the next waiting one, see :func:`fit_map`); yields ``(gid, gal, group, j,
-    res)`` per galaxy: its own (unpadded) arrays, the padded group, its row in the group's
-    MapResult. ``render`` adds the model and component images (bucket-sized) to ``res``
-    (on by default: the same program serves runs with and without blocks; the images cost
-    about two renders per galaxy, ~2 % of its fit).
+    slot goes to the next waiting one, see :func:`fit_map`); yields a :class:`FittedGalaxy`
+    per galaxy: its own (unpadded) arrays, the padded group, its row in the group's
+    MapResult and error estimate. ``render`` adds the model and component images
+    (bucket-sized) to the MapResult (on by default: the same program serves runs with and
+    without blocks; the images cost about two renders per galaxy, ~2 % of its fit).
 
-    ``errors`` (a method name or :class:`ErrorRequest`) adds error bars to each group's result
-    and, for a request with a ``covariance_dir``, writes ``<dir>/<id>.fits``."""
+    ``errors`` (None, a method name or :class:`ErrorRequest`) adds an :class:`ErrorEstimate`
+    to each group and, for a request with a ``covariance_dir``, writes ``<dir>/<id>.fits``."""
     from .batching import bucketed, group_by_shape
 
+    request = _error_request(errors)
     # every galaxy padded to its stamp/PSF bucket (galbayes.batching): few compiled shapes
     for items, padded in ((g, bucketed(g)) for g in group_by_shape(packed, buckets=True)):
         batch = Model.stack([g for _, g in padded])
         slots = _padded_size(len(items), batch_size)
         res = fit_map(model, batch, options=options, slots=slots, render=render)
-        res = _with_errors(model, batch, res, errors, options, batch_size=slots)
+        est = _error_estimate(model, batch, res, request, options, batch_size=slots)
         for j, (gid, gal) in enumerate(items):
-            if getattr(errors, "covariance_dir", None) and hasattr(res, "cov"):
-                _write_covariance(model, gid, res, j, errors.covariance_dir)
-            yield gid, gal, batch, j, res
+            if est is not None and request.covariance_dir:
+                _write_covariance(model, gid, est, j, request.covariance_dir)
+            yield FittedGalaxy(gid, gal, batch, j, res, est)
 
 
-def _result_row(model, gid, gal, res, j, errors=None) -> dict:
+def _result_row(model, fitted: FittedGalaxy) -> dict:
+    """The result row of one fitted galaxy (values, χ², errors if estimated, status)."""
+    gal, res, j, est = fitted.gal, fitted.fit, fitted.j, fitted.errors
     k = float(np.sum(gal.weight)) - model.n_free
-    row = {"id": gid, "chi2": res.chi2[j], "chi2_red": res.chi2[j] / k if k > 0 else np.nan,
+    row = {"id": fitted.gid, "chi2": res.chi2[j], "chi2_red": res.chi2[j] / k if k > 0 else np.nan,
            "loglike": res.loglike[j], "n_iter": int(res.n_iter[j]), "converged": bool(res.converged[j])}
     row.update(zip(model.keys, res.values[j]))
     row["psf_type"] = PSF_TYPES[int(np.asarray(gal.psf_kind))]
     finite = np.all(np.isfinite(res.values[j])) and np.isfinite(res.chi2[j])
-    row["status"] = "ok" if finite else "fit failed: non-finite parameters or chi2"
-    if hasattr(res, "err"):
-        row.update({k + "_err": v for k, v in zip(model.keys, res.err[j])})
-        if res.err_flags[j] != "ok" and finite:
-            row["status"] = f"ok; errors: {res.err_flags[j]}"
+    if est is not None:
+        row.update({k + "_err": v for k, v in zip(model.keys, est.errors[j])})
+    row["status"] = fit_status(finite, None if est is None else est.flags[j])
     return row
 
 
 def _input_notes(row: dict, obs) -> dict:
-    """Append the Observation's notes (e.g. "sigma estimated from image ...") to an ``ok``
-    status of its result row."""
-    notes = getattr(obs, "notes", None)
-    if notes and str(row.get("status", "")).startswith("ok"):
-        row["status"] = "; ".join([row["status"]] + list(notes))
+    """Append the Observation's notes (e.g. "sigma estimated from image ...") to a usable
+    status of its result row (:func:`galbayes.status.with_notes`)."""
+    if "status" in row:
+        row["status"] = with_notes(row["status"], obs.notes)
     return row
 
 
@@ -227,17 +260,17 @@ def fit(model: Model, observations, *, init=None, options: MapOptions | None = N
         try:
             gal = model.pack(obs, ini)
         except (InputError, ModelError) as exc:
-            rows[gid] = {"id": gid, "status": f"error: {exc}"}
+            rows[gid] = {"id": gid, "status": input_error(exc)}
             continue
         packed.append((gid, gal))
         by_id[gid] = obs
     batch_size = batch_size or default_batch_size()
-    for gid, gal, _, j, res in _fit_packed(model, packed, opts, batch_size, errors=errors):
-        rows[gid] = _input_notes(_result_row(model, gid, gal, res, j), by_id[gid])
-        out.galaxies[gid] = gal
-        out.values[gid] = res.values[j]
-        if hasattr(res, "cov"):
-            out.covariance[gid] = res.cov[j]
+    for f in _fit_packed(model, packed, opts, batch_size, errors=errors):
+        rows[f.gid] = _input_notes(_result_row(model, f), by_id[f.gid])
+        out.galaxies[f.gid] = f.gal
+        out.values[f.gid] = f.fit.values[f.j]
+        if f.errors is not None:
+            out.covariance[f.gid] = f.errors.covariance[f.j]
     out.table = make_table(model, [rows[g] for g in order], errors=_error_method(errors) != "none")
     return out
 
@@ -249,7 +282,7 @@ def _load_chunk(model, rows):
             obs = row.load()
             loaded.append((row, obs, model.pack(obs, row.init), None))
         except (InputError, ModelError) as exc:
-            loaded.append((row, None, None, f"error: {exc}"))
+            loaded.append((row, None, None, input_error(exc)))
     return loaded
 
 
@@ -338,10 +371,10 @@ def _write_run_info(out_dir, catalog, model, errors: str, timing: dict | None = 
 
 def _write_blocks(model, fitted, results, obs_by_id, out_dir):
     by_batch: dict = {}
-    for gid, gal, batch, j, res in fitted:
-        by_batch.setdefault(id(batch), (batch, res, []))[2].append((gid, gal, j))
+    for f in fitted:
+        by_batch.setdefault(id(f.batch), (f.batch, f.fit, []))[2].append((f.gid, f.gal, f.j))
     for batch, res, members in by_batch.values():
-        if getattr(res, "images", None) is not None:      # rendered by the fit's own program
+        if res.images is not None:      # rendered by the fit's own program
             images, comps = res.images, res.components
         else:
             images, comps = render_batch(model, batch, np.nan_to_num(res.values))

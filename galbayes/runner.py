@@ -714,23 +714,12 @@ def _batches(packed: list, batch_size: int):
     yield from group_by_shape(packed, buckets=True)
 
 
-def _errors_kw(fn, job: ShardJob) -> dict:
-    """``{"errors": job.errors}`` if ``fn`` takes an ``errors`` keyword and one was asked for."""
-    if job.errors is None:
-        return {}
-    try:
-        takes = "errors" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        takes = False
-    return {"errors": job.errors} if takes else {}
-
-
 def _fit_batch(model, items, job: ShardJob):
     """Fit one batch; if that raises, fit its galaxies one by one. Returns (fitted, failed)."""
     from .pipeline import _fit_packed
 
     try:
-        return list(_fit_packed(model, items, job.options, job.batch_size, **_errors_kw(_fit_packed, job))), {}
+        return list(_fit_packed(model, items, job.options, job.batch_size, errors=job.errors)), {}
     except Exception as exc:  # noqa: BLE001
         if len(items) == 1:
             return [], {items[0][0]: _fail_message(exc)}
@@ -739,7 +728,7 @@ def _fit_batch(model, items, job: ShardJob):
     fitted, failed = [], {}
     for item in items:
         try:
-            fitted.extend(_fit_packed(model, [item], job.options, job.batch_size, **_errors_kw(_fit_packed, job)))
+            fitted.extend(_fit_packed(model, [item], job.options, job.batch_size, errors=job.errors))
         except Exception as exc:  # noqa: BLE001
             failed[item[0]] = _fail_message(exc)
     return fitted, failed
@@ -763,9 +752,8 @@ def _fit_shard(model, job: ShardJob, rows: list, loaded: list, deferred: list | 
         fitted, failed = _fit_batch(model, items, job)
         for gid, msg in failed.items():
             results[obs_by_id[gid][0].index] = {"id": gid, "status": msg}
-        for gid, gal, _, j, res in fitted:
-            results[obs_by_id[gid][0].index] = _input_notes(
-                _result_row(model, gid, gal, res, j, **_errors_kw(_result_row, job)), obs_by_id[gid][1])
+        for f in fitted:
+            results[obs_by_id[f.gid][0].index] = _input_notes(_result_row(model, f), obs_by_id[f.gid][1])
         if job.blocks and fitted:
             def write(fitted=fitted):
                 try:
@@ -773,10 +761,10 @@ def _fit_shard(model, job: ShardJob, rows: list, loaded: list, deferred: list | 
                 except OSError as exc:
                     if _is_disk_error(exc):  # a full disk or read-only folder stops the run
                         raise
-                    warnings.warn(f"image blocks of {[f[0] for f in fitted]} not written: "
+                    warnings.warn(f"image blocks of {[f.gid for f in fitted]} not written: "
                                   f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
                 except Exception as exc:  # noqa: BLE001  (a block is a by-product; keep the fit)
-                    warnings.warn(f"image blocks of {[f[0] for f in fitted]} not written: "
+                    warnings.warn(f"image blocks of {[f.gid for f in fitted]} not written: "
                                   f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
             if deferred is None:
                 write()

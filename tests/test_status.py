@@ -80,3 +80,51 @@ def test_predicates_read_table_cells():
     flagged = st.fit_status(True, st.join_problems(["at prior bound: sersic_n"]))
     assert st.is_usable(flagged) and not st.is_clean(flagged)
     assert st.is_usable(st.with_notes("ok", ["n"])) and not st.is_clean(st.with_notes("ok", ["n"]))
+
+
+# --------------------------------------------------------------------------- result rows
+def _fitted(model, values, chi2, errors=None):
+    """A FittedGalaxy of one packed 16×16 galaxy with the given fit values (no fitting)."""
+    import galbayes as gb
+    from galbayes.inference.map import MapResult
+    from galbayes.pipeline import FittedGalaxy
+
+    obs = gb.Observation(image=np.zeros((16, 16)), sigma=np.ones((16, 16)), psf=np.ones((1, 1)))
+    gal = model.pack(obs, None)
+    batch = gb.Model.stack([gal])
+    one = np.ones(1)
+    res = MapResult(values=np.asarray([values], np.float64), chi2=np.asarray([chi2]), loglike=-0.5 * one * chi2,
+                    n_iter=one.astype(int), converged=one.astype(bool), n_svi=one.astype(int), n_lm=one.astype(int))
+    return FittedGalaxy("g0", gal, batch, 0, res, errors)
+
+
+def test_result_rows_compose_the_status():
+    import galbayes as gb
+    from galbayes.pipeline import ErrorEstimate, _input_notes, _result_row
+
+    model = gb.load_recipe("sersic")
+    v = np.asarray(_fitted(model, np.zeros(len(model.keys)), 0.0).gal.values0, np.float64)
+    row = _result_row(model, _fitted(model, v, 250.0))
+    assert row["status"] == "ok" and not any(k.endswith("_err") for k in row)
+    assert row["chi2_red"] == pytest.approx(250.0 / (256 - model.n_free))
+    bad = v.copy()
+    bad[0] = np.nan
+    assert _result_row(model, _fitted(model, bad, 250.0))["status"] == st.NON_FINITE
+    assert _result_row(model, _fitted(model, v, np.inf))["status"] == st.NON_FINITE
+
+    n, s = len(model.keys), model.n_free
+    est = ErrorEstimate("laplace", np.full((1, n), 0.1), np.eye(s)[None], ["at prior bound: sersic_n"])
+    row = _result_row(model, _fitted(model, v, 250.0, est))
+    assert row["status"] == "ok; errors: at prior bound: sersic_n"
+    assert {k + "_err" for k in model.keys} <= set(row) and row[model.keys[0] + "_err"] == 0.1
+    clean = est._replace(flags=["ok"])
+    assert _result_row(model, _fitted(model, v, 250.0, clean))["status"] == "ok"
+    assert _result_row(model, _fitted(model, bad, 250.0, est))["status"] == st.NON_FINITE
+
+    class Obs:
+        notes = ["sigma estimated from image (x)"]
+
+    assert _input_notes(dict(row), Obs())["status"] == "ok; errors: at prior bound: sersic_n; sigma estimated from image (x)"
+    assert _input_notes({"id": "g", "status": st.NON_FINITE}, Obs())["status"] == st.NON_FINITE
+    assert _input_notes({"id": "g", "status": "ok"}, gb.Observation(image=np.zeros((4, 4)), sigma=np.ones((4, 4)),
+                                                                    psf=np.ones((1, 1))))["status"] == "ok"
