@@ -125,7 +125,7 @@ def cmd_demo(args):
 
 
 def cmd_sample(args):
-    from .inference.nuts import sample_results
+    from .sampling import sample_results
 
     if not args.ids and not args.worst and args.rows is None and args.where is None:
         print("galbayes: error: give --ids ID [ID ...], --worst N, --rows I [I ...] or --where EXPR",

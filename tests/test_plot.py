@@ -291,7 +291,7 @@ def test_save_fit_figures_draws_every_usable_fit(catalog_run, tmp_path):
     only failed galaxies are skipped."""
     import shutil
 
-    from galbayes.inference.nuts import sample_results
+    from galbayes.sampling import sample_results
     from galbayes.status import NON_FINITE, fit_status, is_usable, with_notes
 
     model, run0 = catalog_run
