@@ -410,7 +410,7 @@ def fit_output_figure(fit_output, galaxy_id, values=None, **kwargs):
     arguments go to :func:`fit_figure`.
     """
     from .model import Model
-    from .pipeline import render_batch
+    from .fitting import render_batch
 
     model = fit_output.model
     gid = str(galaxy_id)

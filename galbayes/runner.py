@@ -57,7 +57,7 @@ Bad input
     Every catalog row gets exactly one result row whose ``status`` says what happened:
     unreadable/missing FITS, NaN/inf pixels, σ ≤ 0, all pixels masked, a bad PSF... are
     caught per galaxy when the shard is loaded; a non-finite fit is marked by
-    :func:`galbayes.pipeline._result_row`; if fitting a whole batch raises, its galaxies are
+    :func:`galbayes.fitting._result_row`; if fitting a whole batch raises, its galaxies are
     fitted one by one so a single bad galaxy cannot sink the batch, and those that still
     fail get ``status = "fit failed: ..."``. Malformed catalogs and recipes stop before any
     fitting (:class:`~galbayes.catalog.CatalogError`, :class:`~galbayes.errors.ModelError`).
@@ -100,6 +100,7 @@ import numpy as np
 
 from .catalog import CatalogError, open_catalog
 from .devices import use_devices
+from .fitting import _fit_packed, _input_notes, _load_chunk, _result_row, _write_blocks
 from .inference.map import MapOptions
 from .results import _fsync_dir, atomic_write, fits_text, make_table
 from .status import fit_failed, input_error, is_clean
@@ -679,7 +680,6 @@ def _worker_model(job: ShardJob):
 
 def _load_rows(model, rows) -> list:
     """``[(row, obs, packed, error)]``; any failure to read or pack a galaxy is its status."""
-    from .pipeline import _load_chunk
 
     out = []
     for row in rows:
@@ -706,7 +706,7 @@ def _fail_message(exc: BaseException) -> str:
 
 
 def _batches(packed: list, batch_size: int):
-    """The groups :func:`galbayes.pipeline._fit_packed` fits through ``batch_size`` slots
+    """The groups :func:`galbayes.fitting._fit_packed` fits through ``batch_size`` slots
     each: the galaxies of one (image, PSF) shape bucket, in order of first appearance
     (:func:`galbayes.batching.group_by_shape`)."""
     from .batching import group_by_shape
@@ -716,7 +716,6 @@ def _batches(packed: list, batch_size: int):
 
 def _fit_batch(model, items, job: ShardJob):
     """Fit one batch; if that raises, fit its galaxies one by one. Returns (fitted, failed)."""
-    from .pipeline import _fit_packed
 
     try:
         return list(_fit_packed(model, items, job.options, job.batch_size, errors=job.errors)), {}
@@ -737,7 +736,6 @@ def _fit_batch(model, items, job: ShardJob):
 def _fit_shard(model, job: ShardJob, rows: list, loaded: list, deferred: list | None = None):
     """Result rows of one shard (in row order) as a table; writes the image blocks (or, given
     a list ``deferred``, appends the block writes to it as calls for a writer thread)."""
-    from .pipeline import _input_notes, _result_row, _write_blocks
 
     out_dir = Path(job.out_dir)
     results: dict = {}

@@ -87,7 +87,7 @@ def _fitted(model, values, chi2, errors=None):
     """A FittedGalaxy of one packed 16×16 galaxy with the given fit values (no fitting)."""
     import galbayes as gb
     from galbayes.inference.map import MapResult
-    from galbayes.pipeline import FittedGalaxy
+    from galbayes.fitting import FittedGalaxy
 
     obs = gb.Observation(image=np.zeros((16, 16)), sigma=np.ones((16, 16)), psf=np.ones((1, 1)))
     gal = model.pack(obs, None)
@@ -100,7 +100,7 @@ def _fitted(model, values, chi2, errors=None):
 
 def test_result_rows_compose_the_status():
     import galbayes as gb
-    from galbayes.pipeline import ErrorEstimate, _input_notes, _result_row
+    from galbayes.fitting import ErrorEstimate, _input_notes, _result_row
 
     model = gb.load_recipe("sersic")
     v = np.asarray(_fitted(model, np.zeros(len(model.keys)), 0.0).gal.values0, np.float64)
