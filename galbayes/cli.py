@@ -84,7 +84,8 @@ def cmd_fit(args):
                         blocks=not args.no_blocks, progress=not args.quiet,
                         resume=args.resume, shard_size=args.shard_size, dask=args.dask,
                         errors=args.errors)
-    n_ok = int(sum(1 for s in table["status"] if s == "ok"))
+    from .status import is_usable
+    n_ok = int(sum(1 for s in table["status"] if is_usable(s)))
     wall = time.perf_counter() - t0
     print(f"fitted {n_ok}/{len(table)} galaxies in {wall:.1f} s; results in {Path(args.out) / 'results.fits'}")
     if stats is not None and not args.quiet:
@@ -124,7 +125,7 @@ def cmd_demo(args):
 
 
 def cmd_sample(args):
-    from .inference.nuts import sample_results
+    from .sampling import sample_results
 
     if not args.ids and not args.worst and args.rows is None and args.where is None:
         print("galbayes: error: give --ids ID [ID ...], --worst N, --rows I [I ...] or --where EXPR",
@@ -193,7 +194,8 @@ def cmd_prepare(args):
 
     with open(status, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    n_ok = sum(1 for r in rows if r["status"] == "ok")
+    from .status import is_usable
+    n_ok = sum(1 for r in rows if is_usable(r["status"]))
     print(f"prepared {n_ok}/{len(rows)} targets: catalog {cat}, status per target in {status}")
     return 0
 

@@ -25,8 +25,9 @@ per-pixel log-likelihoods of every draw): ``galbayes sample --log-likelihood`` s
 float32 numbers, ~260 MB for a 128² stamp and 4 × 1000 draws). Elsewhere the LOO columns are
 NaN; a posterior without the group is said so in ``note``, and Pareto k > 0.7 warnings too.
 
-A galaxy whose status in a run is not ``ok…`` is left out of that run's comparison (its
-columns NaN) and the ``note`` column says so; the preference is made among the remaining runs.
+A galaxy whose fit in a run is not usable (:func:`galbayes.status.is_usable`: status ``ok``
+or ``ok; …``) is left out of that run's comparison (its columns NaN) and the ``note`` column
+says so; the preference is made among the remaining runs.
 Runs over different catalogs (different sets of ids) are refused.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, ModelError
+from .status import is_usable
 
 __all__ = ["compare_runs", "read_run"]
 
@@ -181,7 +183,7 @@ def compare_runs(run_dirs, *, out=None, loo: bool = True):
             chi2, chi2_red, k = _num(t["chi2"]), _num(t["chi2_red"]), r["k"]
             v = {"chi2": math.nan, "k": k, "bic": math.nan, "aic": math.nan,
                  "elpd_loo": math.nan, "elpd_loo_se": math.nan}
-            if not status.startswith("ok"):
+            if not is_usable(status):
                 note.append(f"{lab} excluded (status: {status})")
             elif not (np.isfinite(chi2) and np.isfinite(chi2_red) and chi2_red > 0):
                 note.append(f"{lab} excluded (chi2 {chi2:g}, chi2_red {chi2_red:g}: no pixel count)")

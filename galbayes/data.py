@@ -6,7 +6,7 @@ Noise as surveys ship it
     no information and is masked (weight 0), never divided by. A negative variance or ivar, a
     zero variance (infinite ivar) or a σ ≤ 0 / non-finite σ in an unmasked pixel is an
     :class:`~galbayes.errors.InputError` naming the galaxy. With no noise map at all, σ is
-    estimated from the image (:func:`galbayes.prepare.estimate_sigma`: sigma-clipped
+    estimated from the image (:func:`galbayes.noise.estimate_sigma`: sigma-clipped
     background rms, plus the source's Poisson noise ``max(image − bkg, 0) / gain`` when a gain
     is known, from the ``gain`` argument or the image header's ``GAIN``) and
     :attr:`Observation.notes` says so (a catalog run's status becomes ``ok; sigma estimated
@@ -349,7 +349,7 @@ class Observation:
 
     def _estimate_sigma(self, image, masked):
         """σ from the image (see the module docstring); records a note."""
-        from .prepare import estimate_sigma
+        from .noise import estimate_sigma
 
         gain = self.gain
         if gain is not None and not (np.isfinite(gain) and gain > 0):

@@ -410,7 +410,7 @@ def fit_output_figure(fit_output, galaxy_id, values=None, **kwargs):
     arguments go to :func:`fit_figure`.
     """
     from .model import Model
-    from .pipeline import render_batch
+    from .fitting import render_batch
 
     model = fit_output.model
     gid = str(galaxy_id)
@@ -436,11 +436,15 @@ def save_fit_figures(model, out_dir, *, fmt: str = "png", dpi: int = 110, ids=No
     Reads ``out_dir/results.fits`` and ``out_dir/blocks/<id>.fits`` (as written by
     :func:`galbayes.pipeline.fit_catalog`) and writes ``out_dir/figures/<id>.<fmt>``; the
     profile axis comes from the fitted parameters of ``model``'s brightest component.
-    Galaxies without status ``ok`` or without a block are skipped. Returns the paths written.
+    Every galaxy whose fit is usable (:func:`galbayes.status.is_usable`: status ``ok``,
+    ``ok; errors: ...`` or ``ok; <input note>`` — the galaxies ``galbayes sample`` and
+    ``galbayes compare`` use) gets a figure; failed galaxies and galaxies without a block are
+    skipped. Returns the paths written.
     """
     from astropy.table import Table
 
     from .results import safe_name
+    from .status import is_usable
 
     out_dir = Path(out_dir)
     table = Table.read(out_dir / "results.fits")
@@ -450,7 +454,7 @@ def save_fit_figures(model, out_dir, *, fmt: str = "png", dpi: int = 110, ids=No
         gid = str(row["id"])
         if ids is not None and gid not in ids:
             continue
-        if "status" in table.colnames and str(row["status"]).strip() != "ok":
+        if "status" in table.colnames and not is_usable(row["status"]):
             continue
         block = out_dir / "blocks" / f"{safe_name(gid)}.fits"
         if not block.exists():

@@ -57,7 +57,7 @@ Bad input
     Every catalog row gets exactly one result row whose ``status`` says what happened:
     unreadable/missing FITS, NaN/inf pixels, σ ≤ 0, all pixels masked, a bad PSF... are
     caught per galaxy when the shard is loaded; a non-finite fit is marked by
-    :func:`galbayes.pipeline._result_row`; if fitting a whole batch raises, its galaxies are
+    :func:`galbayes.fitting._result_row`; if fitting a whole batch raises, its galaxies are
     fitted one by one so a single bad galaxy cannot sink the batch, and those that still
     fail get ``status = "fit failed: ..."``. Malformed catalogs and recipes stop before any
     fitting (:class:`~galbayes.catalog.CatalogError`, :class:`~galbayes.errors.ModelError`).
@@ -100,8 +100,10 @@ import numpy as np
 
 from .catalog import CatalogError, open_catalog
 from .devices import use_devices
+from .fitting import _fit_packed, _input_notes, _load_chunk, _result_row, _write_blocks
 from .inference.map import MapOptions
 from .results import _fsync_dir, atomic_write, fits_text, make_table
+from .status import fit_failed, input_error, is_clean
 
 __all__ = ["run_catalog", "ResumeError", "OutputError", "RunInterrupted", "EXIT_INTERRUPTED",
            "run_fingerprint", "describe_model", "shard_path", "read_manifest", "MANIFEST_NAME",
@@ -678,14 +680,13 @@ def _worker_model(job: ShardJob):
 
 def _load_rows(model, rows) -> list:
     """``[(row, obs, packed, error)]``; any failure to read or pack a galaxy is its status."""
-    from .pipeline import _load_chunk
 
     out = []
     for row in rows:
         try:
             out.extend(_load_chunk(model, [row]))
         except Exception as exc:  # noqa: BLE001  (any unreadable input is one galaxy's problem)
-            out.append((row, None, None, f"error: galaxy {row.id}: cannot load: {type(exc).__name__}: {exc}"))
+            out.append((row, None, None, input_error(f"galaxy {row.id}: cannot load: {type(exc).__name__}: {exc}")))
     return out
 
 
@@ -701,11 +702,11 @@ def _is_disk_error(exc: BaseException) -> bool:
 
 def _fail_message(exc: BaseException) -> str:
     msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return "fit failed: " + (msg if len(msg) <= 300 else msg[:299] + "…")
+    return fit_failed(msg if len(msg) <= 300 else msg[:299] + "…")
 
 
 def _batches(packed: list, batch_size: int):
-    """The groups :func:`galbayes.pipeline._fit_packed` fits through ``batch_size`` slots
+    """The groups :func:`galbayes.fitting._fit_packed` fits through ``batch_size`` slots
     each: the galaxies of one (image, PSF) shape bucket, in order of first appearance
     (:func:`galbayes.batching.group_by_shape`)."""
     from .batching import group_by_shape
@@ -713,23 +714,11 @@ def _batches(packed: list, batch_size: int):
     yield from group_by_shape(packed, buckets=True)
 
 
-def _errors_kw(fn, job: ShardJob) -> dict:
-    """``{"errors": job.errors}`` if ``fn`` takes an ``errors`` keyword and one was asked for."""
-    if job.errors is None:
-        return {}
-    try:
-        takes = "errors" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        takes = False
-    return {"errors": job.errors} if takes else {}
-
-
 def _fit_batch(model, items, job: ShardJob):
     """Fit one batch; if that raises, fit its galaxies one by one. Returns (fitted, failed)."""
-    from .pipeline import _fit_packed
 
     try:
-        return list(_fit_packed(model, items, job.options, job.batch_size, **_errors_kw(_fit_packed, job))), {}
+        return list(_fit_packed(model, items, job.options, job.batch_size, errors=job.errors)), {}
     except Exception as exc:  # noqa: BLE001
         if len(items) == 1:
             return [], {items[0][0]: _fail_message(exc)}
@@ -738,7 +727,7 @@ def _fit_batch(model, items, job: ShardJob):
     fitted, failed = [], {}
     for item in items:
         try:
-            fitted.extend(_fit_packed(model, [item], job.options, job.batch_size, **_errors_kw(_fit_packed, job)))
+            fitted.extend(_fit_packed(model, [item], job.options, job.batch_size, errors=job.errors))
         except Exception as exc:  # noqa: BLE001
             failed[item[0]] = _fail_message(exc)
     return fitted, failed
@@ -747,7 +736,6 @@ def _fit_batch(model, items, job: ShardJob):
 def _fit_shard(model, job: ShardJob, rows: list, loaded: list, deferred: list | None = None):
     """Result rows of one shard (in row order) as a table; writes the image blocks (or, given
     a list ``deferred``, appends the block writes to it as calls for a writer thread)."""
-    from .pipeline import _input_notes, _result_row, _write_blocks
 
     out_dir = Path(job.out_dir)
     results: dict = {}
@@ -762,9 +750,8 @@ def _fit_shard(model, job: ShardJob, rows: list, loaded: list, deferred: list | 
         fitted, failed = _fit_batch(model, items, job)
         for gid, msg in failed.items():
             results[obs_by_id[gid][0].index] = {"id": gid, "status": msg}
-        for gid, gal, _, j, res in fitted:
-            results[obs_by_id[gid][0].index] = _input_notes(
-                _result_row(model, gid, gal, res, j, **_errors_kw(_result_row, job)), obs_by_id[gid][1])
+        for f in fitted:
+            results[obs_by_id[f.gid][0].index] = _input_notes(_result_row(model, f), obs_by_id[f.gid][1])
         if job.blocks and fitted:
             def write(fitted=fitted):
                 try:
@@ -772,10 +759,10 @@ def _fit_shard(model, job: ShardJob, rows: list, loaded: list, deferred: list | 
                 except OSError as exc:
                     if _is_disk_error(exc):  # a full disk or read-only folder stops the run
                         raise
-                    warnings.warn(f"image blocks of {[f[0] for f in fitted]} not written: "
+                    warnings.warn(f"image blocks of {[f.gid for f in fitted]} not written: "
                                   f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
                 except Exception as exc:  # noqa: BLE001  (a block is a by-product; keep the fit)
-                    warnings.warn(f"image blocks of {[f[0] for f in fitted]} not written: "
+                    warnings.warn(f"image blocks of {[f.gid for f in fitted]} not written: "
                                   f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
             if deferred is None:
                 write()
@@ -801,7 +788,7 @@ def _finish_shard(model, job: ShardJob, k: int, rows: list, loaded: list, inputs
             write()
         meta = {"GBRUN": job.run_id, "GBSHARD": k, "GBROW0": rows[0].index, "GBNROWS": len(rows)}
         sha = _write_shard(table, shard_path(job.out_dir, k), meta)
-        n_ok = int(sum(1 for s in table["status"] if s == "ok"))
+        n_ok = int(sum(1 for s in table["status"] if is_clean(s)))  # exactly "ok": unflagged, no notes
         return {"shard": k, "file": f"{SHARD_DIR}/{shard_path(job.out_dir, k).name}", "run_id": job.run_id,
                 "rows": [rows[0].index, rows[-1].index + 1], "sha256": sha, "n_ok": n_ok,
                 "inputs": inputs or {}, "written_ns": time.time_ns()}

@@ -123,7 +123,7 @@ def test_subset_selection_by_rows_and_where():
     from astropy.table import Table
 
     from galbayes.errors import InputError
-    from galbayes.inference.nuts import _row_indices, _where_mask
+    from galbayes.sampling import _row_indices, _where_mask
 
     t = Table({"id": ["a", "b", "c", "d"], "chi2_red": [1.0, 2.5, np.nan, 1.2],
                "status": ["ok", "ok", "fit failed: x", "ok"]})

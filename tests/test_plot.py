@@ -285,6 +285,42 @@ def test_save_fit_figures(catalog_run):
     assert [p.name for p in plot.save_fit_figures(model, run)] == ["gal_0.png"]
 
 
+def test_save_fit_figures_draws_every_usable_fit(catalog_run, tmp_path):
+    """Regression: a galaxy whose error estimate is flagged ("ok; errors: at prior bound ...")
+    or whose inputs carry a note is a usable fit (galbayes sample draws it) and gets a figure;
+    only failed galaxies are skipped."""
+    import shutil
+
+    from galbayes.sampling import sample_results
+    from galbayes.status import NON_FINITE, fit_status, is_usable, with_notes
+
+    model, run0 = catalog_run
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)        # the module's run stays as fitted
+    table = Table.read(run / "results.fits")
+    flagged = fit_status(True, "at prior bound: bulge_n")
+    noted = with_notes("ok", ["sigma estimated from image (MAD of the background)"])
+    assert flagged == "ok; errors: at prior bound: bulge_n" and noted.startswith("ok; sigma")
+    table["status"] = table["status"].astype("U96")
+    table["status"][1] = "ok"         # (test_save_fit_figures marks it failed in the module's run)
+    for status in (flagged, noted):
+        table["status"][0] = status
+        table.write(run / "results.fits", overwrite=True)
+        shutil.rmtree(run / "figures", ignore_errors=True)
+        assert [p.name for p in plot.save_fit_figures(model, run)] == ["gal_0.png", "gal_1.png"], status
+    # the figures are made for exactly the fits galbayes sample accepts
+    table["status"][1] = NON_FINITE
+    table.write(run / "results.fits", overwrite=True)
+    shutil.rmtree(run / "figures")
+    drawn = [p.stem for p in plot.save_fit_figures(model, run)]
+    assert drawn == ["gal_0"]
+    assert [str(s) for s in Table.read(run / "results.fits")["status"]] == [noted, NON_FINITE]
+    assert [is_usable(s) for s in table["status"]] == [True, False]
+    # galbayes sample draws the same ones: it refuses only the failed galaxy (before any NUTS)
+    new, skipped = sample_results(run, ids=["gal 1"])
+    assert len(new) == 0 and skipped == {"gal 1": f"its MAP fit failed ({NON_FINITE})"}
+
+
 def test_read_block_rejects_other_files(tmp_path):
     path = tmp_path / "x.fits"
     fits.writeto(path, np.zeros((4, 4)))

@@ -23,7 +23,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-import galbayes.pipeline as pipeline
+import galbayes.fitting as fitting
 import galbayes.runner as runner
 from galbayes.catalog import CatalogError
 from galbayes.errors import ModelError
@@ -292,7 +292,7 @@ def test_bad_inputs_each_get_a_status_and_good_galaxies_fit_as_in_a_clean_run(tm
     reference = run(clean, tmp_path / "clean", shard_size=shard)
     assert set(reference["status"]) == {"ok"}
 
-    real_fit_map = pipeline.fit_map
+    real_fit_map = fitting.fit_map
 
     def flaky_fit_map(model, batch, **kw):
         zp = np.asarray(batch.zp)
@@ -302,7 +302,7 @@ def test_bad_inputs_each_get_a_status_and_good_galaxies_fit_as_in_a_clean_run(tm
         res.values[np.isclose(zp, 22.6)] = np.nan
         return res
 
-    monkeypatch.setattr(pipeline, "fit_map", flaky_fit_map)
+    monkeypatch.setattr(fitting, "fit_map", flaky_fit_map)
     with pytest.warns(RuntimeWarning, match="one by one"):
         table = run(cat, tmp_path / "bad", shard_size=shard)
     assert list(table["id"]) == [r["id"] for r in rows]  # one row per galaxy, input order

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from ..model import GalaxyArrays, Model
+from ..status import join_problems
 from .laplace import values_into_bounds
 from .map import MapOptions, fit_map
 
@@ -139,5 +140,5 @@ def bootstrap_errors(model: Model, batch: GalaxyArrays, values, *, n_boot: int =
         errors[b, free] = np.sqrt(np.diag(cov[b]))
         if n_good[b] < min_good * n_boot:
             problems.append(f"bootstrap: only {n_good[b]}/{n_boot} replicas converged")
-        flags.append("; ".join(problems) if problems else "ok")
+        flags.append(join_problems(problems))
     return BootstrapResult(errors, cov, flags, samples, n_good)

@@ -84,6 +84,7 @@ import numpy as np
 from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
 from ..model import GalaxyArrays, Model
+from ..status import join_problems
 from .map import BOUND_MARGIN, BOUND_TOL, MapResult
 
 __all__ = ["LaplaceResult", "laplace_errors", "loglike_curvature", "invert_curvature",
@@ -375,7 +376,7 @@ def invert_curvature(mat, jac=None, *, keys, free_values=None, lo=None, hi=None,
         at_bound = (pos < BOUND_TOL) | (pos > 1.0 - BOUND_TOL)
         if np.any(at_bound):
             problems.append("at prior bound: " + ", ".join(k for k, b in zip(keys, at_bound) if b))
-    return err, cov, "; ".join(problems) if problems else "ok"
+    return err, cov, join_problems(problems)
 
 
 # --------------------------------------------------------------------------- public API
