@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ModelError
+
 __all__ = ["ParamSpec", "Param", "IMAGE_X", "IMAGE_Y", "IMAGE_LEVEL"]
 
 # Sentinels for bounds that depend on the image: the pixel extent along x or y.
@@ -98,7 +100,7 @@ class Param:
         if self.bounds is not None:
             lo, hi = self.bounds
             if not (lo < hi):
-                raise ValueError(f"bounds {self.bounds!r}: low must be < high")
+                raise ModelError(f"bounds {self.bounds!r}: low must be < high")
 
 
 def as_param(value) -> Param:
@@ -111,7 +113,7 @@ def as_param(value) -> Param:
         known = {"init", "bounds", "fixed", "log", "prior"}
         unknown = set(value) - known
         if unknown:
-            raise ValueError(f"unknown parameter setting(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise ModelError(f"unknown parameter setting(s) {sorted(unknown)}; known: {sorted(known)}")
         kw = dict(value)
         if "bounds" in kw and kw["bounds"] is not None:
             kw["bounds"] = tuple(float(b) for b in kw["bounds"])

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .data import Observation
-from .errors import InputError, ModelError
+from .errors import InputError, ModelError, OptionsError
 from .inference.map import MapOptions, MapResult, fit_map
 from .model import GalaxyArrays, Model
 from .psf import PSF_TYPES
@@ -89,7 +89,7 @@ class ErrorRequest:
 def _error_method(errors) -> str:
     method = getattr(errors, "method", errors) or "none"
     if method not in ERROR_METHODS:
-        raise ValueError(f"errors must be one of {ERROR_METHODS}, got {method!r}")
+        raise OptionsError(f"errors must be one of {ERROR_METHODS}, got {method!r}")
     return method
 
 
@@ -221,7 +221,7 @@ def fit(model: Model, observations, *, init=None, options: MapOptions | None = N
     for i, (obs, ini) in enumerate(zip(observations, inits)):
         gid = obs.id if obs.id is not None else str(i)
         if gid in rows or gid in order:
-            raise ValueError(f"duplicate galaxy id {gid!r} (observations {order.index(gid)} and {i}); "
+            raise InputError(f"duplicate galaxy id {gid!r} (observations {order.index(gid)} and {i}); "
                              "ids must be unique")
         order.append(gid)
         try:

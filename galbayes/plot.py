@@ -29,6 +29,8 @@ from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 
+from .errors import InputError, OptionsError
+
 __all__ = ["fit_figure", "fit_output_figure", "save_fit_figures", "comparison_figure", "error_comparison_figure",
            "scene_preview", "scene_images", "corner_with_laplace", "elliptical_profile",
            "model_geometry", "read_block", "r_squared"]
@@ -143,7 +145,7 @@ def read_block(path) -> dict:
         names = [h.name.upper() for h in hdul]
         for need in ("DATA", "MODEL", "SIGMA"):
             if need not in names:
-                raise ValueError(f"{path}: not a galbayes image block (no {need} HDU; has {names})")
+                raise InputError(f"{path}: not a galbayes image block (no {need} HDU; has {names})")
         get = lambda n: np.asarray(hdul[n].data, np.float64)  # noqa: E731
         mask = np.asarray(hdul["MASK"].data) if "MASK" in names else np.zeros(hdul["DATA"].data.shape)
         comps = {h.name.lower(): np.asarray(h.data, np.float64) for h in hdul
@@ -280,11 +282,11 @@ def fit_figure(block=None, *, data=None, model=None, sigma=None, weight=None, co
             chi = header.get("CHI2_RED")
             title = f"{gid}" + (f"   χ²_red = {float(chi):.3f}" if isinstance(chi, (int, float)) else "")
     if data is None or model is None:
-        raise ValueError("give a block file or the data and model arrays")
+        raise OptionsError("give a block file or the data and model arrays")
     data = np.asarray(data, np.float64)
     model = np.asarray(model, np.float64)
     if data.shape != model.shape:
-        raise ValueError(f"data {data.shape} and model {model.shape} differ in shape")
+        raise OptionsError(f"data {data.shape} and model {model.shape} differ in shape")
     sigma = np.ones_like(data) if sigma is None else np.asarray(sigma, np.float64)
     weight = np.ones_like(data) if weight is None else np.asarray(weight, np.float64)
     components = dict(components or {})
@@ -513,7 +515,7 @@ def comparison_figure(fitted: dict, reference: dict, *, params=None, labels=None
     """
     params = list(params or [k for k in reference if k in fitted])
     if not params:
-        raise ValueError("no parameter common to fitted and reference")
+        raise OptionsError("no parameter common to fitted and reference")
     labels = labels or {}
     angles = set(angles if angles is not None else [p for p in params if _is_angle(p)])
     log = set(log or [])
@@ -525,7 +527,7 @@ def comparison_figure(fitted: dict, reference: dict, *, params=None, labels=None
         f = np.asarray(fitted[p], np.float64).ravel()
         r = np.asarray(reference[p], np.float64).ravel()
         if f.shape != r.shape:
-            raise ValueError(f"{p}: fitted has {f.size} values, reference {r.size}")
+            raise OptionsError(f"{p}: fitted has {f.size} values, reference {r.size}")
         if p in angles:
             f = r + ((f - r + 90.0) % 180.0 - 90.0)
         alpha = float(np.clip(30.0 / max(f.size, 1), 0.08, 0.8))
@@ -561,7 +563,7 @@ def _as_columns(x, labels, what):
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.shape[1] != len(labels):
-        raise ValueError(f"{what}: expected {len(labels)} columns (one per label), got shape {arr.shape}")
+        raise OptionsError(f"{what}: expected {len(labels)} columns (one per label), got shape {arr.shape}")
     return {k: arr[:, j] for j, k in enumerate(labels)}
 
 
@@ -584,7 +586,7 @@ def error_comparison_figure(values, err_cov, err_boot, labels=None, *, galaxy_la
     """
     if labels is None:
         if not isinstance(values, dict):
-            raise ValueError("labels are needed when values is an array")
+            raise OptionsError("labels are needed when values is an array")
         labels = list(values)
     labels = list(labels)
     v = _as_columns(values, labels, "values")
@@ -654,12 +656,12 @@ def _scene_arrays(model, obs_or_shape, values, psf, zp, pixel_scale):
             if np.isnan(vec[i]):
                 d = e.param.init if e.param.init is not None else e.spec.default
                 if d is None:
-                    raise ValueError(f"no value for {e.key}: give it in values")
+                    raise OptionsError(f"no value for {e.key}: give it in values")
                 vec[i] = float(d)
     scale = 1.0
     if model.size_unit == "arcsec":
         if not pixel_scale:
-            raise ValueError("the model's sizes are in arcsec: give pixel_scale")
+            raise OptionsError("the model's sizes are in arcsec: give pixel_scale")
         scale = float(pixel_scale)
     n_free = len(model.free)
     gal = pack_arrays(np.zeros(shape, np.float32), np.ones(shape, np.float32), np.ones(shape, np.float32),

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from ..errors import OptionsError
 from ..model import GalaxyArrays, Model
 from .laplace import values_into_bounds
 from .map import MapOptions, fit_map
@@ -81,7 +82,7 @@ def bootstrap_errors(model: Model, batch: GalaxyArrays, values, *, n_boot: int =
         Flag a galaxy when fewer than this fraction of its replicas converged.
     """
     if n_boot < 2:
-        raise ValueError("n_boot must be >= 2")
+        raise OptionsError("n_boot must be >= 2")
     opts = options or MapOptions()
     opts = MapOptions(**{**opts.__dict__, "max_iter": 0, "polish": "lm"})
     batch = jax.tree_util.tree_map(np.asarray, batch)

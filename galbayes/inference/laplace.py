@@ -83,6 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
+from ..errors import OptionsError
 from ..model import GalaxyArrays, Model
 from .map import BOUND_MARGIN, BOUND_TOL, MapResult
 
@@ -408,7 +409,7 @@ def laplace_errors(model: Model, batch: GalaxyArrays, values, *, method: str = "
         ``(errors (B, E), covariance (B, S, S), flags)``.
     """
     if method not in ("hessian", "jacobian"):
-        raise ValueError(f"method must be 'hessian' or 'jacobian', got {method!r}")
+        raise OptionsError(f"method must be 'hessian' or 'jacobian', got {method!r}")
     fit = values if isinstance(values, MapResult) else None
     if fit is not None:
         values = fit.values

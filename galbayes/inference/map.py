@@ -50,6 +50,7 @@ from numpyro.infer.initialization import init_to_value
 from numpyro.handlers import replay, seed
 from numpyro.infer.util import compute_log_probs, constrain_fn, log_density, unconstrain_fn
 
+from ..errors import OptionsError
 from ..model import GalaxyArrays, Model
 
 __all__ = ["MapOptions", "MapResult", "fit_map", "precompile", "OPTIMIZERS", "ROUND_ITER"]
@@ -100,13 +101,13 @@ class MapOptions:
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+            raise OptionsError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
         if self.polish not in ("lm", "none"):
-            raise ValueError(f"polish must be 'lm' or 'none', got {self.polish!r}")
+            raise OptionsError(f"polish must be 'lm' or 'none', got {self.polish!r}")
         if self.max_iter < 0 or self.lm_iter < 0:
-            raise ValueError("iteration caps must be >= 0")
+            raise OptionsError("iteration caps must be >= 0")
         if self.max_iter == 0 and self.polish == "none":
-            raise ValueError("max_iter=0 with polish='none' would not fit anything")
+            raise OptionsError("max_iter=0 with polish='none' would not fit anything")
 
 
 class MapResult(NamedTuple):
