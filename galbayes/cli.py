@@ -1,6 +1,12 @@
 """Command line: ``galbayes fit``, ``galbayes sample``, ``galbayes demo``, ``galbayes recipes``, ``galbayes prepare``.
 
 Argument parsing only; the work is done by :mod:`galbayes.pipeline` and friends.
+
+Exit status: 0 on success; 2 for a usage error or any :class:`~galbayes.errors.GalbayesError`
+(bad catalog, recipe, input, option or output folder), printed as one line
+``galbayes: error: <message>`` on stderr (``--debug``, before or after the command, shows the
+traceback instead); 75 for a run stopped by SIGINT/SIGTERM at a shard boundary (finish it with
+``--resume``); 130 for a second signal (stopped at once).
 """
 from __future__ import annotations
 
@@ -8,8 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .catalog import CatalogError
-from .errors import InputError, ModelError
+from .errors import GalbayesError
 
 __all__ = ["main"]
 
@@ -198,8 +203,12 @@ def cmd_prepare(args):
     return 0
 
 
+DEBUG_HELP = "on an error, show its traceback (default: one line 'galbayes: error: ...' on stderr, exit 2)"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="galbayes", description="Batched Bayesian galaxy profile fitting.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="MAP-fit every galaxy of a catalog")
@@ -285,17 +294,38 @@ def build_parser():
 
     p = sub.add_parser("recipes", help="list the shipped model recipes")
     p.set_defaults(func=cmd_recipes)
+
+    # --debug also after the command; SUPPRESS keeps a subcommand from resetting a --debug
+    # given before it (argparse copies every subcommand default into the namespace)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
 def main(argv=None) -> int:
+    """Run one command; returns the exit status (see the module docstring).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after ``galbayes`` (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success, 2 for a :class:`~galbayes.errors.GalbayesError` (one line on stderr;
+        re-raised with ``--debug``), 75 when stopped at a shard boundary, 130 when stopped at once.
+    """
     from .runner import EXIT_INTERRUPTED, RunInterrupted
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CatalogError, ModelError, InputError) as exc:
-        print(f"galbayes: error: {exc}", file=sys.stderr)
+    except GalbayesError as exc:  # a bad input, model, option, catalog or output folder
+        if getattr(args, "debug", False):
+            raise
+        message = " ".join(str(exc).splitlines())  # one line, whatever the message holds
+        print(f"galbayes: error: {message}", file=sys.stderr)
         return 2
     except RunInterrupted as exc:  # SIGINT/SIGTERM: stopped at a shard boundary
         print(f"galbayes: {exc}", file=sys.stderr)
