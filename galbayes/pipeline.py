@@ -45,16 +45,13 @@ class FitOutput:
         return {k: float(r[k]) for k in self.model.keys}
 
 
-_RENDER_CACHE: dict = {}
-
-
 def render_batch(model: Model, batch: GalaxyArrays, values):
     """Model images and per-component images of a batch (vmapped, jitted)."""
-    key = id(model)
-    if key not in _RENDER_CACHE:
-        fn = jax.jit(jax.vmap(lambda v, g: (model.render(v, g), model.render_components(v, g))))
-        _RENDER_CACHE[key] = (model, fn)
-    return _RENDER_CACHE[key][1](jnp.asarray(values, jnp.float32), jax.tree_util.tree_map(jnp.asarray, batch))
+    from .compiled import compiled
+
+    fn = compiled(model, ("render_batch",), lambda: jax.jit(jax.vmap(
+        lambda v, g: (model.render(v, g), model.render_components(v, g)))))
+    return fn(jnp.asarray(values, jnp.float32), jax.tree_util.tree_map(jnp.asarray, batch))
 
 
 def default_batch_size() -> int:

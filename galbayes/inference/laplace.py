@@ -83,6 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
+from ..compiled import compiled
 from ..errors import OptionsError
 from ..model import GalaxyArrays, Model
 from .map import BOUND_MARGIN, BOUND_TOL, MapResult
@@ -257,12 +258,10 @@ def _one_loglike_curvature(model: Model, values, gal: GalaxyArrays):
     return hess[0], hess[1]
 
 
-_COMPILED: dict = {}
-
-
 def _compiled(model: Model, what: str):
-    key = (id(model), what)
-    if key not in _COMPILED:
+    """The vmapped, jitted per-galaxy derivative ``what`` of a model (cached on the model by
+    :func:`galbayes.compiled.compiled`)."""
+    def build():
         if what == "jacobian":
             fn = lambda v, g: _one_jacobian(model, v, g)            # noqa: E731
         elif what == "hessian":
@@ -271,8 +270,9 @@ def _compiled(model: Model, what: str):
             fn = lambda v, z, gn, g: _one_hessian(model, v, g, z, gn)   # noqa: E731
         else:  # "curvature"
             fn = lambda v, g: _one_loglike_curvature(model, v, g)   # noqa: E731
-        _COMPILED[key] = (model, jax.jit(jax.vmap(fn)))
-    return _COMPILED[key][1]
+        return jax.jit(jax.vmap(fn))
+
+    return compiled(model, ("laplace", what), build)
 
 
 def _run_batched(fn, arrays, batch, batch_size):

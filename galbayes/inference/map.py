@@ -50,6 +50,7 @@ from numpyro.infer.initialization import init_to_value
 from numpyro.handlers import replay, seed
 from numpyro.infer.util import compute_log_probs, constrain_fn, log_density, unconstrain_fn
 
+from ..compiled import compiled
 from ..errors import OptionsError
 from ..model import GalaxyArrays, Model
 
@@ -730,19 +731,17 @@ class _Rounds:
         return self.jitted.lower(*args)
 
 
-_COMPILED: dict = {}
-
-
 def _compiled(model: Model, opts: MapOptions, round_iter: int = ROUND_ITER, render: bool = False) -> _Rounds:
     """The round program of a model and options (:class:`_Rounds`; one compiled program per
-    batch shape); every MAP fit goes through here."""
-    key = (id(model), opts, int(round_iter), bool(render))
-    if key not in _COMPILED:
+    batch shape, cached on the model by :func:`galbayes.compiled.compiled`); every MAP fit
+    goes through here."""
+    def build():
         from .. import cache
 
         cache.ensure()
-        _COMPILED[key] = (model, _Rounds(model, opts, int(round_iter), bool(render)))
-    return _COMPILED[key][1]
+        return _Rounds(model, opts, int(round_iter), bool(render))
+
+    return compiled(model, ("map_rounds", opts, int(round_iter), bool(render)), build)
 
 
 def _run_rounds(model: Model, opts: MapOptions, batch: GalaxyArrays, keys, n_slots: int,
