@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import OptionsError
 from ..model import GalaxyArrays, Model
+from ..params import wrap_angle
 from .laplace import values_into_bounds
 from .map import MapOptions, fit_map
 
@@ -120,8 +121,7 @@ def bootstrap_errors(model: Model, batch: GalaxyArrays, values, *, n_boot: int =
 
     # Unwrap angles about the MAP (fit_map wraps them into [-90°, 90°)).
     for i in np.flatnonzero(angle):
-        d = samples[:, :, i] - values[:, None, i]
-        samples[:, :, i] = values[:, None, i] + (d + 90.0) % 180.0 - 90.0
+        samples[:, :, i] = wrap_angle(samples[:, :, i], values[:, None, i])
 
     errors = np.zeros((n_gal, n_ent))
     cov = np.full((n_gal, len(free), len(free)), np.nan)

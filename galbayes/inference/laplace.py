@@ -86,6 +86,7 @@ from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 from ..compiled import compiled
 from ..errors import OptionsError
 from ..model import GalaxyArrays, Model
+from ..params import wrap_angle
 from .map import BOUND_MARGIN, BOUND_TOL, MapResult
 
 __all__ = ["LaplaceResult", "laplace_errors", "loglike_curvature", "invert_curvature",
@@ -136,7 +137,7 @@ def values_into_bounds(model: Model, batch: GalaxyArrays, values) -> np.ndarray:
         v = values[..., i]
         if e.spec.angle:
             mid = 0.5 * (lo[..., j] + hi[..., j])
-            v2 = mid + np.mod(v - mid + 90.0, 180.0) - 90.0    # in [mid - 90, mid + 90)
+            v2 = wrap_angle(v, mid)                             # in [mid - 90, mid + 90)
             v = np.where(np.isfinite(v2) & (v2 >= lo[..., j]) & (v2 <= hi[..., j]), v2, v)
         if e.param.prior is None:
             if e.log:

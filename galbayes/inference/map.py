@@ -53,6 +53,7 @@ from numpyro.infer.util import compute_log_probs, constrain_fn, log_density, unc
 from ..compiled import compiled
 from ..errors import OptionsError
 from ..model import GalaxyArrays, Model
+from ..params import wrap_angle
 
 __all__ = ["MapOptions", "MapResult", "fit_map", "precompile", "OPTIMIZERS", "ROUND_ITER"]
 
@@ -239,8 +240,7 @@ _FLIP_Q = 0.97          # restart axis ratio after a fit ended on q = 1 (see _ax
 
 def _nearest_middle(angle, lo, hi):
     """The angle ± k·180° (the same ellipse) in [mid − 90°, mid + 90°), mid = (lo + hi)/2."""
-    mid = 0.5 * (lo + hi)
-    return mid + jnp.mod(angle - mid + 90.0, 180.0) - 90.0
+    return wrap_angle(angle, 0.5 * (lo + hi))
 
 
 def _axis_flip(model: Model, gal: GalaxyArrays, values):
