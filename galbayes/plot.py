@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 
 from .errors import InputError, OptionsError
+from .params import wrap_angle
 
 __all__ = ["fit_figure", "fit_output_figure", "save_fit_figures", "comparison_figure", "error_comparison_figure",
            "scene_preview", "scene_images", "corner_with_laplace", "elliptical_profile",
@@ -489,12 +490,21 @@ def r_squared(fitted, reference) -> float:
     return float(1.0 - np.sum((f - r) ** 2) / ss_tot)
 
 
-def _is_angle(name):
-    return name == "pa" or name.endswith("_pa")
+def _is_angle(name, model=None):
+    """Whether the column ``name`` holds a position angle, as its parameter declaration says
+    (``ParamSpec.angle``, the flag :meth:`~galbayes.model.Model.wrap_angles` uses): with a
+    model, ``name`` is one of its angle entries; without, it is the name of an angle parameter
+    of a registered profile, bare or as ``<component>_<name>`` (``pa``, ``sersic_pa``)."""
+    if model is not None:
+        return any(e.key == name and e.spec.angle for e in model.entries)
+    from .profiles import available_profiles, get_profile
+
+    angles = {s.name for p in available_profiles() for s in get_profile(p).params if s.angle}
+    return any(name == a or name.endswith("_" + a) for a in angles)
 
 
 def comparison_figure(fitted: dict, reference: dict, *, params=None, labels=None, angles=None,
-                      log=None, xlabel="reference", ylabel="fitted", title=None, ncols=None):
+                      log=None, xlabel="reference", ylabel="fitted", title=None, ncols=None, model=None):
     """Fitted vs reference (truth or another code) per parameter, as the paper's Fig. 3.
 
     Each panel: points (transparency shows their density), the identity line and R².
@@ -508,16 +518,20 @@ def comparison_figure(fitted: dict, reference: dict, *, params=None, labels=None
     labels : dict, optional
         Axis label per parameter.
     angles : list, optional
-        Parameters that are position angles (default: names ``pa`` or ``*_pa``); the fitted
-        value is moved by multiples of 180° to the one nearest the reference.
+        Parameters that are position angles (default: those declared angles, see ``model``);
+        the fitted value is moved by multiples of 180° to the one nearest the reference.
     log : list, optional
         Parameters shown on log-log axes (default none).
+    model : Model, optional
+        With ``angles`` omitted: the angle parameters are this model's angle entries (its
+        table columns); without a model, columns named after an angle parameter of a
+        registered profile (``pa`` or ``<component>_pa`` for the built-in profiles).
     """
     params = list(params or [k for k in reference if k in fitted])
     if not params:
         raise OptionsError("no parameter common to fitted and reference")
     labels = labels or {}
-    angles = set(angles if angles is not None else [p for p in params if _is_angle(p)])
+    angles = set(angles if angles is not None else [p for p in params if _is_angle(p, model)])
     log = set(log or [])
     ncols = ncols or min(len(params), 5)
     nrows = math.ceil(len(params) / ncols)
@@ -529,7 +543,7 @@ def comparison_figure(fitted: dict, reference: dict, *, params=None, labels=None
         if f.shape != r.shape:
             raise OptionsError(f"{p}: fitted has {f.size} values, reference {r.size}")
         if p in angles:
-            f = r + ((f - r + 90.0) % 180.0 - 90.0)
+            f = r + wrap_angle(f - r)
         alpha = float(np.clip(30.0 / max(f.size, 1), 0.08, 0.8))
         ax.scatter(r, f, s=10, color="k", alpha=alpha, lw=0)
         ok = np.isfinite(f) & np.isfinite(r)
