@@ -20,7 +20,7 @@ __all__ = ["main"]
 
 
 def _map_args(p):
-    from .inference.map import OPTIMIZERS
+    from .inference.map import OPTIMIZERS, POLISH_METHODS
 
     p.add_argument("--batch-size", type=int, default=None,
                    help="galaxies per jitted batch (default 8 on CPU, 256 on GPU)")
@@ -28,7 +28,8 @@ def _map_args(p):
     p.add_argument("--lm-iter", type=int, default=None, help="cap on Levenberg-Marquardt polish steps (default 50)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="optax optimizer for SVI (default adam)")
     p.add_argument("--learning-rate", type=float, default=None, help="SVI step size (default 0.02)")
-    p.add_argument("--polish", choices=["lm", "none"], default=None, help="second-order polish after SVI (default lm)")
+    p.add_argument("--polish", choices=list(POLISH_METHODS), default=None,
+                   help="second-order polish after SVI (default lm)")
     p.add_argument("--seed", type=int, default=None)
 
 
@@ -207,6 +208,10 @@ DEBUG_HELP = "on an error, show its traceback (default: one line 'galbayes: erro
 
 
 def build_parser():
+    from .likelihood import LIKELIHOODS
+    from .pipeline import ERROR_METHODS
+    from .psf import PSF_TYPES
+
     parser = argparse.ArgumentParser(prog="galbayes", description="Batched Bayesian galaxy profile fitting.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,8 +220,8 @@ def build_parser():
     p.add_argument("catalog", help="CSV/ECSV/FITS table: id, image, sigma, psf[, mask, mask_keep, zp, pixel_scale, hdu]")
     p.add_argument("--model", required=True, help="recipe TOML file or shipped recipe name (see 'galbayes recipes')")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--likelihood", choices=["chi2", "gaussian"], default=None)
-    p.add_argument("--psf-type", choices=["effective", "optical"], default=None,
+    p.add_argument("--likelihood", choices=list(LIKELIHOODS), default=None)
+    p.add_argument("--psf-type", choices=list(PSF_TYPES), default=None,
                    help="PSF images include the pixel response ('effective', default: PSFs measured from stars) "
                         "or are sampled at pixel centres ('optical'); a catalog psf_type column wins per galaxy")
     p.add_argument("--no-blocks", action="store_true",
@@ -228,7 +233,7 @@ def build_parser():
                    help="catalog rows per durable shard file (default 8 x batch size)")
     p.add_argument("--dask", default=None, metavar="ADDRESS|local:N",
                    help="fit shards on a Dask cluster: scheduler address, or local:N worker processes")
-    p.add_argument("--errors", choices=["none", "laplace", "jacobian", "bootstrap"], default="none",
+    p.add_argument("--errors", choices=list(ERROR_METHODS), default="none",
                    help="error bars: numpyro Laplace, the paper's (J^T W J)^-1, or a 100-replica pixel "
                         "bootstrap; adds <param>_err columns and covariance/<id>.fits (default none)")
     _map_args(p)
@@ -247,7 +252,7 @@ def build_parser():
     p.add_argument("--chains", type=int, default=4, help="chains per galaxy (default 4)")
     p.add_argument("--draws", type=int, default=1000, help="kept draws per chain (default 1000)")
     p.add_argument("--warmup", type=int, default=500, help="warmup iterations per chain (default 500)")
-    p.add_argument("--likelihood", choices=["gaussian", "chi2"], default="gaussian",
+    p.add_argument("--likelihood", choices=list(LIKELIHOODS), default="gaussian",
                    help="pixel likelihood of the posterior (default gaussian; see galbayes.inference.nuts)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="galaxies whose chains run together (default 1 on CPU, 16 on GPU)")

@@ -55,7 +55,7 @@ from ..errors import OptionsError
 from ..model import GalaxyArrays, Model
 from ..params import wrap_angle
 
-__all__ = ["MapOptions", "MapResult", "fit_map", "precompile", "OPTIMIZERS", "ROUND_ITER"]
+__all__ = ["MapOptions", "MapResult", "fit_map", "precompile", "OPTIMIZERS", "POLISH_METHODS", "ROUND_ITER"]
 
 OPTIMIZERS = {
     "adam": optax.adam,
@@ -64,6 +64,9 @@ OPTIMIZERS = {
     "nadam": optax.nadam,
     "sgd": lambda lr: optax.sgd(lr, momentum=0.9),
 }
+
+#: Second-order polish after SVI (:attr:`MapOptions.polish`).
+POLISH_METHODS = ("lm", "none")
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class MapOptions:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise OptionsError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
-        if self.polish not in ("lm", "none"):
+        if self.polish not in POLISH_METHODS:
             raise OptionsError(f"polish must be 'lm' or 'none', got {self.polish!r}")
         if self.max_iter < 0 or self.lm_iter < 0:
             raise OptionsError("iteration caps must be >= 0")
