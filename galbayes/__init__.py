@@ -14,7 +14,7 @@ eagerly; the pipeline and inference entry points (``fit``, ``fit_catalog``, ``re
 from importlib import import_module
 
 from .data import Observation, load_fits
-from .errors import GalbayesError, InputError, ModelError
+from .errors import CatalogError, GalbayesError, InputError, ModelError, OptionsError
 from .model import Component, GalaxyArrays, Model, render_model
 from .params import Param, ParamSpec
 from .profiles import Profile, available_profiles, get_profile, profile, register
@@ -30,8 +30,8 @@ _LAZY = {
     "laplace_errors": ".inference", "bootstrap_errors": ".inference", "run_nuts": ".inference",
 }
 
-__all__ = ["Observation", "load_fits", "GalbayesError", "InputError", "ModelError", "Component",
-           "GalaxyArrays", "Model", "render_model", "Param", "ParamSpec", "Profile",
+__all__ = ["Observation", "load_fits", "GalbayesError", "InputError", "ModelError", "OptionsError",
+           "CatalogError", "Component", "GalaxyArrays", "Model", "render_model", "Param", "ParamSpec", "Profile",
            "available_profiles", "get_profile", "profile", "register", "sersic_nu", "__version__",
            *_LAZY]
 

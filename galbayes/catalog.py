@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Observation
+from .errors import CatalogError  # defined there, importable from here as before
 
 
 __all__ = ["CatalogError", "CatalogRow", "Catalog", "open_catalog", "read_catalog", "REQUIRED_COLUMNS",
@@ -53,10 +54,6 @@ OPTIONAL_COLUMNS += ("psf_type",)   # "effective" (default) or "optical", see ga
 PARAM_CUTOFF = 0.8      # difflib ratio above which a column is taken for a misspelt parameter
 STANDARD_CUTOFF = 0.9   # ... for a misspelt standard column
 _FITS_CHUNK = 8192      # FITS rows per memory-mapped range
-
-
-class CatalogError(ValueError):
-    """A malformed catalog: raised before any fitting, naming the column or row."""
 
 
 @dataclass

@@ -1,6 +1,12 @@
 """Command line: ``galbayes fit``, ``galbayes sample``, ``galbayes demo``, ``galbayes recipes``, ``galbayes prepare``.
 
 Argument parsing only; the work is done by :mod:`galbayes.pipeline` and friends.
+
+Exit status: 0 on success; 2 for a usage error or any :class:`~galbayes.errors.GalbayesError`
+(bad catalog, recipe, input, option or output folder), printed as one line
+``galbayes: error: <message>`` on stderr (``--debug``, before or after the command, shows the
+traceback instead); 75 for a run stopped by SIGINT/SIGTERM at a shard boundary (finish it with
+``--resume``); 130 for a second signal (stopped at once).
 """
 from __future__ import annotations
 
@@ -8,14 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .catalog import CatalogError
-from .errors import InputError, ModelError
+from .errors import GalbayesError
 
 __all__ = ["main"]
 
 
 def _map_args(p):
-    from .inference.map import OPTIMIZERS
+    from .inference.map import OPTIMIZERS, POLISH_METHODS
 
     p.add_argument("--batch-size", type=int, default=None,
                    help="galaxies per jitted batch (default 8 on CPU, 256 on GPU)")
@@ -23,7 +28,8 @@ def _map_args(p):
     p.add_argument("--lm-iter", type=int, default=None, help="cap on Levenberg-Marquardt polish steps (default 50)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="optax optimizer for SVI (default adam)")
     p.add_argument("--learning-rate", type=float, default=None, help="SVI step size (default 0.02)")
-    p.add_argument("--polish", choices=["lm", "none"], default=None, help="second-order polish after SVI (default lm)")
+    p.add_argument("--polish", choices=list(POLISH_METHODS), default=None,
+                   help="second-order polish after SVI (default lm)")
     p.add_argument("--seed", type=int, default=None)
 
 
@@ -200,16 +206,24 @@ def cmd_prepare(args):
     return 0
 
 
+DEBUG_HELP = "on an error, show its traceback (default: one line 'galbayes: error: ...' on stderr, exit 2)"
+
+
 def build_parser():
+    from .likelihood import LIKELIHOODS
+    from .pipeline import ERROR_METHODS
+    from .psf import PSF_TYPES
+
     parser = argparse.ArgumentParser(prog="galbayes", description="Batched Bayesian galaxy profile fitting.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="MAP-fit every galaxy of a catalog")
     p.add_argument("catalog", help="CSV/ECSV/FITS table: id, image, sigma, psf[, mask, mask_keep, zp, pixel_scale, hdu]")
     p.add_argument("--model", required=True, help="recipe TOML file or shipped recipe name (see 'galbayes recipes')")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--likelihood", choices=["chi2", "gaussian"], default=None)
-    p.add_argument("--psf-type", choices=["effective", "optical"], default=None,
+    p.add_argument("--likelihood", choices=list(LIKELIHOODS), default=None)
+    p.add_argument("--psf-type", choices=list(PSF_TYPES), default=None,
                    help="PSF images include the pixel response ('effective', default: PSFs measured from stars) "
                         "or are sampled at pixel centres ('optical'); a catalog psf_type column wins per galaxy")
     p.add_argument("--no-blocks", action="store_true",
@@ -221,7 +235,7 @@ def build_parser():
                    help="catalog rows per durable shard file (default 8 x batch size)")
     p.add_argument("--dask", default=None, metavar="ADDRESS|local:N",
                    help="fit shards on a Dask cluster: scheduler address, or local:N worker processes")
-    p.add_argument("--errors", choices=["none", "laplace", "jacobian", "bootstrap"], default="none",
+    p.add_argument("--errors", choices=list(ERROR_METHODS), default="none",
                    help="error bars: numpyro Laplace, the paper's (J^T W J)^-1, or a 100-replica pixel "
                         "bootstrap; adds <param>_err columns and covariance/<id>.fits (default none)")
     _map_args(p)
@@ -240,7 +254,7 @@ def build_parser():
     p.add_argument("--chains", type=int, default=4, help="chains per galaxy (default 4)")
     p.add_argument("--draws", type=int, default=1000, help="kept draws per chain (default 1000)")
     p.add_argument("--warmup", type=int, default=500, help="warmup iterations per chain (default 500)")
-    p.add_argument("--likelihood", choices=["gaussian", "chi2"], default="gaussian",
+    p.add_argument("--likelihood", choices=list(LIKELIHOODS), default="gaussian",
                    help="pixel likelihood of the posterior (default gaussian; see galbayes.inference.nuts)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="galaxies whose chains run together (default 1 on CPU, 16 on GPU)")
@@ -287,17 +301,38 @@ def build_parser():
 
     p = sub.add_parser("recipes", help="list the shipped model recipes")
     p.set_defaults(func=cmd_recipes)
+
+    # --debug also after the command; SUPPRESS keeps a subcommand from resetting a --debug
+    # given before it (argparse copies every subcommand default into the namespace)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
 def main(argv=None) -> int:
+    """Run one command; returns the exit status (see the module docstring).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after ``galbayes`` (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success, 2 for a :class:`~galbayes.errors.GalbayesError` (one line on stderr;
+        re-raised with ``--debug``), 75 when stopped at a shard boundary, 130 when stopped at once.
+    """
     from .runner import EXIT_INTERRUPTED, RunInterrupted
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CatalogError, ModelError, InputError) as exc:
-        print(f"galbayes: error: {exc}", file=sys.stderr)
+    except GalbayesError as exc:  # a bad input, model, option, catalog or output folder
+        if getattr(args, "debug", False):
+            raise
+        message = " ".join(str(exc).splitlines())  # one line, whatever the message holds
+        print(f"galbayes: error: {message}", file=sys.stderr)
         return 2
     except RunInterrupted as exc:  # SIGINT/SIGTERM: stopped at a shard boundary
         print(f"galbayes: {exc}", file=sys.stderr)

@@ -188,7 +188,7 @@ def mask_to_weight(mask, *, keep=None, bits=None) -> np.ndarray:
     if bits is not None:
         if mask.dtype.kind == "f":
             if not np.all(np.isfinite(mask) & (mask == np.round(mask))):
-                raise ValueError("a bit-plane mask must hold integers")
+                raise InputError("a bit-plane mask must hold integers")
         return ((mask.astype(np.int64) & int(bits)) == 0).astype(np.float32)
     if keep is None:
         return (mask == 0).astype(np.float32)

@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .batching import pad_rows
+from .errors import OptionsError
 
 __all__ = ["AXIS", "galaxy_mesh", "batch_sharding", "use_devices", "active_mesh", "n_devices",
            "padded_to_devices", "pad_leading", "shard_batch", "place_batch", "place_tree", "data_parallel"]
@@ -45,7 +46,7 @@ def galaxy_mesh(devices=None) -> Mesh:
     """A 1-D mesh over ``devices`` (default: every device of the default backend)."""
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
-        raise ValueError("no JAX devices given")
+        raise OptionsError("no JAX devices given")
     return Mesh(np.asarray(devices, dtype=object), (AXIS,))
 
 
@@ -97,7 +98,7 @@ def use_devices(devices=None):
         elif isinstance(devices, int):
             all_devs = jax.devices()
             if not 1 <= devices <= len(all_devs):
-                raise ValueError(f"asked for {devices} devices; JAX sees {len(all_devs)}")
+                raise OptionsError(f"asked for {devices} devices; JAX sees {len(all_devs)}")
             devs = all_devs[:devices]
         else:
             devs = list(devices)

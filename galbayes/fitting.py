@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import InputError, ModelError
+from .compiled import compiled
+from .errors import InputError, ModelError, OptionsError
 from .inference.map import MapOptions, MapResult, fit_map
 from .model import GalaxyArrays, Model
 from .psf import PSF_TYPES
@@ -29,16 +30,11 @@ __all__ = ["render_batch", "default_batch_size", "ERROR_METHODS", "ErrorRequest"
            "FittedGalaxy"]
 
 
-_RENDER_CACHE: dict = {}
-
-
 def render_batch(model: Model, batch: GalaxyArrays, values):
     """Model images and per-component images of a batch (vmapped, jitted)."""
-    key = id(model)
-    if key not in _RENDER_CACHE:
-        fn = jax.jit(jax.vmap(lambda v, g: (model.render(v, g), model.render_components(v, g))))
-        _RENDER_CACHE[key] = (model, fn)
-    return _RENDER_CACHE[key][1](jnp.asarray(values, jnp.float32), jax.tree_util.tree_map(jnp.asarray, batch))
+    fn = compiled(model, ("render_batch",), lambda: jax.jit(jax.vmap(
+        lambda v, g: (model.render(v, g), model.render_components(v, g)))))
+    return fn(jnp.asarray(values, jnp.float32), jax.tree_util.tree_map(jnp.asarray, batch))
 
 
 def default_batch_size() -> int:
@@ -78,7 +74,7 @@ def _error_request(errors) -> ErrorRequest:
     else:
         method, cov_dir = errors or "none", None
     if method not in ERROR_METHODS:
-        raise ValueError(f"errors must be one of {ERROR_METHODS}, got {method!r}")
+        raise OptionsError(f"errors must be one of {ERROR_METHODS}, got {method!r}")
     return ErrorRequest(method, cov_dir)
 
 

@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from .data import Observation
+from .params import wrap_angle
 
 __all__ = ["moment_guess"]
 
@@ -50,7 +51,7 @@ def moment_guess(obs: Observation) -> dict:
     q = float(np.clip(math.sqrt(lam_min / lam_max), 0.1, 1.0))
     vx, vy = evecs[:, 1]
     theta = math.degrees(math.atan2(vy, vx))          # major axis from +x
-    pa = (theta - 90.0 + 90.0) % 180.0 - 90.0         # from +y, wrapped to [-90, 90)
+    pa = wrap_angle(theta - 90.0)                     # from +y, wrapped to [-90, 90)
     th = math.radians(theta)
     xm = dx * math.cos(th) + dy * math.sin(th)
     ym = (-dx * math.sin(th) + dy * math.cos(th)) / q

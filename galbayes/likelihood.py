@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
+from .errors import OptionsError
+
 LIKELIHOODS = ("chi2", "gaussian")
 
 
@@ -38,5 +40,5 @@ def gaussian_loglike(chi2_value, sigma, weight):
 
 def check_likelihood(name: str) -> str:
     if name not in LIKELIHOODS:
-        raise ValueError(f"unknown likelihood {name!r}; choose one of {LIKELIHOODS}")
+        raise OptionsError(f"unknown likelihood {name!r}; choose one of {LIKELIHOODS}")
     return name

@@ -27,7 +27,7 @@ from .errors import InputError, ModelError
 from .geometry import Grid, pixel_grid, render_oversampled
 from .initial import SIZE_FROM_RHALF, moment_guess
 from .likelihood import check_likelihood, chi2, chi2_distribution_loglike, gaussian_loglike
-from .params import IMAGE_LEVEL, IMAGE_X, IMAGE_Y, Param, ParamSpec, as_param
+from .params import ANGLE_PERIOD, IMAGE_LEVEL, IMAGE_X, IMAGE_Y, Param, ParamSpec, as_param, wrap_angle
 from .profiles import Profile, get_profile
 from .profiles.builtin import flux_from_mag
 from .psf import (DEFAULT_PSF_TYPE, PSF_TYPES, UNDERSAMPLED_FWHM, canvas_fft_shape, canvas_margin, canvas_shape,
@@ -291,7 +291,7 @@ class Model:
             # orientation has an equivalent angle at least 90° from either bound, so a fit never
             # has to stop on an angle bound (with init ± 90° an answer 90° from the start sits
             # on the bound, where the bounded transform saturates).
-            return init - 180.0, init + 180.0
+            return init - ANGLE_PERIOD, init + ANGLE_PERIOD
         if spec.bounds == IMAGE_X:
             return -0.5, nx - 0.5
         if spec.bounds == IMAGE_Y:
@@ -553,7 +553,7 @@ class Model:
         values = np.array(values, dtype=np.float64, copy=True)
         for i, e in enumerate(self.entries):
             if e.spec.angle:
-                values[..., i] = (values[..., i] + 90.0) % 180.0 - 90.0
+                values[..., i] = wrap_angle(values[..., i])
         return values
 
 

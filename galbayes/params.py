@@ -17,13 +17,43 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ParamSpec", "Param", "IMAGE_X", "IMAGE_Y", "IMAGE_LEVEL"]
+from .errors import ModelError
+
+__all__ = ["ParamSpec", "Param", "IMAGE_X", "IMAGE_Y", "IMAGE_LEVEL", "ANGLE_PERIOD", "wrap_angle"]
 
 # Sentinels for bounds that depend on the image: the pixel extent along x or y.
 IMAGE_X = "image_x"
 IMAGE_Y = "image_y"
 # Sentinel for sky-level bounds: ± the largest |pixel| among unmasked pixels.
 IMAGE_LEVEL = "image_level"
+
+#: Period of an ``angle`` parameter, in degrees: an ellipse is symmetric under a half turn,
+#: so pa and pa ± 180° are the same profile.
+ANGLE_PERIOD = 180.0
+
+
+def wrap_angle(angle, mid=0.0):
+    """The equivalent angle (± k·:data:`ANGLE_PERIOD`) in ``[mid − 90°, mid + 90°)``.
+
+    Computed as ``mid + (angle − mid + 90) mod 180 − 90`` with the ``%`` operator, so it
+    works alike for Python floats, NumPy arrays and JAX arrays (also under ``jit``), and
+    ``mid`` may be an array broadcasting with ``angle``. With ``mid=0`` the result equals
+    ``(angle + 90) % 180 − 90`` bit for bit.
+
+    Parameters
+    ----------
+    angle : float or array
+        Angles in degrees.
+    mid : float or array
+        Middle of the target interval (default 0: wrap into [-90°, 90°)).
+
+    Returns
+    -------
+    float or array
+        The wrapped angles (NaN stays NaN).
+    """
+    half = 0.5 * ANGLE_PERIOD
+    return mid + (angle - mid + half) % ANGLE_PERIOD - half
 
 
 @dataclass(frozen=True)
@@ -98,7 +128,7 @@ class Param:
         if self.bounds is not None:
             lo, hi = self.bounds
             if not (lo < hi):
-                raise ValueError(f"bounds {self.bounds!r}: low must be < high")
+                raise ModelError(f"bounds {self.bounds!r}: low must be < high")
 
 
 def as_param(value) -> Param:
@@ -111,7 +141,7 @@ def as_param(value) -> Param:
         known = {"init", "bounds", "fixed", "log", "prior"}
         unknown = set(value) - known
         if unknown:
-            raise ValueError(f"unknown parameter setting(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise ModelError(f"unknown parameter setting(s) {sorted(unknown)}; known: {sorted(known)}")
         kw = dict(value)
         if "bounds" in kw and kw["bounds"] is not None:
             kw["bounds"] = tuple(float(b) for b in kw["bounds"])

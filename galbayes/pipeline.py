@@ -88,7 +88,7 @@ def fit(model: Model, observations, *, init=None, options: MapOptions | None = N
     for i, (obs, ini) in enumerate(zip(observations, inits)):
         gid = obs.id if obs.id is not None else str(i)
         if gid in rows or gid in order:
-            raise ValueError(f"duplicate galaxy id {gid!r} (observations {order.index(gid)} and {i}); "
+            raise InputError(f"duplicate galaxy id {gid!r} (observations {order.index(gid)} and {i}); "
                              "ids must be unique")
         order.append(gid)
         try:

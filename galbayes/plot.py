@@ -29,6 +29,9 @@ from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 
+from .errors import InputError, OptionsError
+from .params import wrap_angle
+
 __all__ = ["fit_figure", "fit_output_figure", "save_fit_figures", "comparison_figure", "error_comparison_figure",
            "scene_preview", "scene_images", "corner_with_laplace", "elliptical_profile",
            "model_geometry", "read_block", "r_squared"]
@@ -143,7 +146,7 @@ def read_block(path) -> dict:
         names = [h.name.upper() for h in hdul]
         for need in ("DATA", "MODEL", "SIGMA"):
             if need not in names:
-                raise ValueError(f"{path}: not a galbayes image block (no {need} HDU; has {names})")
+                raise InputError(f"{path}: not a galbayes image block (no {need} HDU; has {names})")
         get = lambda n: np.asarray(hdul[n].data, np.float64)  # noqa: E731
         mask = np.asarray(hdul["MASK"].data) if "MASK" in names else np.zeros(hdul["DATA"].data.shape)
         comps = {h.name.lower(): np.asarray(h.data, np.float64) for h in hdul
@@ -280,11 +283,11 @@ def fit_figure(block=None, *, data=None, model=None, sigma=None, weight=None, co
             chi = header.get("CHI2_RED")
             title = f"{gid}" + (f"   χ²_red = {float(chi):.3f}" if isinstance(chi, (int, float)) else "")
     if data is None or model is None:
-        raise ValueError("give a block file or the data and model arrays")
+        raise OptionsError("give a block file or the data and model arrays")
     data = np.asarray(data, np.float64)
     model = np.asarray(model, np.float64)
     if data.shape != model.shape:
-        raise ValueError(f"data {data.shape} and model {model.shape} differ in shape")
+        raise OptionsError(f"data {data.shape} and model {model.shape} differ in shape")
     sigma = np.ones_like(data) if sigma is None else np.asarray(sigma, np.float64)
     weight = np.ones_like(data) if weight is None else np.asarray(weight, np.float64)
     components = dict(components or {})
@@ -491,12 +494,21 @@ def r_squared(fitted, reference) -> float:
     return float(1.0 - np.sum((f - r) ** 2) / ss_tot)
 
 
-def _is_angle(name):
-    return name == "pa" or name.endswith("_pa")
+def _is_angle(name, model=None):
+    """Whether the column ``name`` holds a position angle, as its parameter declaration says
+    (``ParamSpec.angle``, the flag :meth:`~galbayes.model.Model.wrap_angles` uses): with a
+    model, ``name`` is one of its angle entries; without, it is the name of an angle parameter
+    of a registered profile, bare or as ``<component>_<name>`` (``pa``, ``sersic_pa``)."""
+    if model is not None:
+        return any(e.key == name and e.spec.angle for e in model.entries)
+    from .profiles import available_profiles, get_profile
+
+    angles = {s.name for p in available_profiles() for s in get_profile(p).params if s.angle}
+    return any(name == a or name.endswith("_" + a) for a in angles)
 
 
 def comparison_figure(fitted: dict, reference: dict, *, params=None, labels=None, angles=None,
-                      log=None, xlabel="reference", ylabel="fitted", title=None, ncols=None):
+                      log=None, xlabel="reference", ylabel="fitted", title=None, ncols=None, model=None):
     """Fitted vs reference (truth or another code) per parameter, as the paper's Fig. 3.
 
     Each panel: points (transparency shows their density), the identity line and R².
@@ -510,16 +522,20 @@ def comparison_figure(fitted: dict, reference: dict, *, params=None, labels=None
     labels : dict, optional
         Axis label per parameter.
     angles : list, optional
-        Parameters that are position angles (default: names ``pa`` or ``*_pa``); the fitted
-        value is moved by multiples of 180° to the one nearest the reference.
+        Parameters that are position angles (default: those declared angles, see ``model``);
+        the fitted value is moved by multiples of 180° to the one nearest the reference.
     log : list, optional
         Parameters shown on log-log axes (default none).
+    model : Model, optional
+        With ``angles`` omitted: the angle parameters are this model's angle entries (its
+        table columns); without a model, columns named after an angle parameter of a
+        registered profile (``pa`` or ``<component>_pa`` for the built-in profiles).
     """
     params = list(params or [k for k in reference if k in fitted])
     if not params:
-        raise ValueError("no parameter common to fitted and reference")
+        raise OptionsError("no parameter common to fitted and reference")
     labels = labels or {}
-    angles = set(angles if angles is not None else [p for p in params if _is_angle(p)])
+    angles = set(angles if angles is not None else [p for p in params if _is_angle(p, model)])
     log = set(log or [])
     ncols = ncols or min(len(params), 5)
     nrows = math.ceil(len(params) / ncols)
@@ -529,9 +545,9 @@ def comparison_figure(fitted: dict, reference: dict, *, params=None, labels=None
         f = np.asarray(fitted[p], np.float64).ravel()
         r = np.asarray(reference[p], np.float64).ravel()
         if f.shape != r.shape:
-            raise ValueError(f"{p}: fitted has {f.size} values, reference {r.size}")
+            raise OptionsError(f"{p}: fitted has {f.size} values, reference {r.size}")
         if p in angles:
-            f = r + ((f - r + 90.0) % 180.0 - 90.0)
+            f = r + wrap_angle(f - r)
         alpha = float(np.clip(30.0 / max(f.size, 1), 0.08, 0.8))
         ax.scatter(r, f, s=10, color="k", alpha=alpha, lw=0)
         ok = np.isfinite(f) & np.isfinite(r)
@@ -565,7 +581,7 @@ def _as_columns(x, labels, what):
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.shape[1] != len(labels):
-        raise ValueError(f"{what}: expected {len(labels)} columns (one per label), got shape {arr.shape}")
+        raise OptionsError(f"{what}: expected {len(labels)} columns (one per label), got shape {arr.shape}")
     return {k: arr[:, j] for j, k in enumerate(labels)}
 
 
@@ -588,7 +604,7 @@ def error_comparison_figure(values, err_cov, err_boot, labels=None, *, galaxy_la
     """
     if labels is None:
         if not isinstance(values, dict):
-            raise ValueError("labels are needed when values is an array")
+            raise OptionsError("labels are needed when values is an array")
         labels = list(values)
     labels = list(labels)
     v = _as_columns(values, labels, "values")
@@ -658,12 +674,12 @@ def _scene_arrays(model, obs_or_shape, values, psf, zp, pixel_scale):
             if np.isnan(vec[i]):
                 d = e.param.init if e.param.init is not None else e.spec.default
                 if d is None:
-                    raise ValueError(f"no value for {e.key}: give it in values")
+                    raise OptionsError(f"no value for {e.key}: give it in values")
                 vec[i] = float(d)
     scale = 1.0
     if model.size_unit == "arcsec":
         if not pixel_scale:
-            raise ValueError("the model's sizes are in arcsec: give pixel_scale")
+            raise OptionsError("the model's sizes are in arcsec: give pixel_scale")
         scale = float(pixel_scale)
     n_free = len(model.free)
     gal = pack_arrays(np.zeros(shape, np.float32), np.ones(shape, np.float32), np.ones(shape, np.float32),

@@ -57,6 +57,7 @@ import numpy as np
 from .batching import bucket_size
 from .errors import InputError
 from .noise import _DEFAULT_FWHM, estimate_background, estimate_sigma
+from .params import wrap_angle
 from .status import OK
 
 __all__ = ["estimate_background", "estimate_sigma", "psf_fwhm", "psf_r50", "snap_shape", "detect",
@@ -295,7 +296,7 @@ def measure_target(data, seg, target: int, *, sigma, mask, psf=None, zp: float =
     lam = np.maximum(evals - s2psf, 0.1 * evals)
     q = float(np.clip(math.sqrt(max(lam[0], 1e-6) / max(lam[1], 1e-6)), 0.1, 1.0))
     theta = math.degrees(math.atan2(evecs[1, 1], evecs[0, 1]))      # major axis from +x
-    pa = (theta - 90.0 + 90.0) % 180.0 - 90.0                        # from +y, in [-90, 90)
+    pa = wrap_angle(theta - 90.0)                                    # from +y, in [-90, 90)
     # windowed centroid of the filled image
     radius = max(2.0 * psf_fwhm(psf), 0.5 * math.sqrt(own.sum() / math.pi), 3.0)
     filled = _reflect_fill(data, mask, xc, yc)

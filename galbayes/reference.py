@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import optimize, special
 
+from .params import wrap_angle
+
 __all__ = ["sersic_flux_norm", "imfit_fit", "Chi2Reference"]
 
 
@@ -67,7 +69,7 @@ def imfit_fit(obs, init: dict, *, solver: str = "LM") -> dict:
                         mask=(np.asarray(obs.weight) == 0).astype(np.float64), solver=solver)
     x0, y0, pa, ell, n, ie, re = fitter.getRawParameters()
     q = 1.0 - ell
-    return {"sersic_xc": x0 - 1.0, "sersic_yc": y0 - 1.0, "sersic_pa": (pa + 90.0) % 180.0 - 90.0,
+    return {"sersic_xc": x0 - 1.0, "sersic_yc": y0 - 1.0, "sersic_pa": wrap_angle(pa),
             "sersic_q": q, "sersic_n": n, "sersic_re": re,
             "sersic_mag": zp - 2.5 * np.log10(ie * sersic_flux_norm(n, re, q)),
             "chi2": float(fitter.fitStatistic), "n_iter": int(result.nIter),

@@ -100,6 +100,7 @@ import numpy as np
 
 from .catalog import CatalogError, open_catalog
 from .devices import use_devices
+from .errors import OptionsError, OutputError, ResumeError  # defined there, importable from here as before
 from .fitting import _fit_packed, _input_notes, _load_chunk, _result_row, _write_blocks
 from .inference.map import MapOptions
 from .results import _fsync_dir, atomic_write, fits_text, make_table
@@ -117,19 +118,6 @@ _FORMAT = 2
 EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: stopped on request, finish with --resume
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 _STR_COLUMNS = ("id", "status", "psf_type")
-
-
-class ResumeError(CatalogError):
-    """A run that cannot go on in ``out_dir``: its inputs changed since the recorded run
-    (catalog, recipe, options or software), its manifest is unreadable, or another run is
-    using the folder. Raised before any fitting."""
-
-
-class OutputError(CatalogError):
-    """``out_dir`` cannot be written (read-only, permission denied, disk full or over
-    quota). Raised before the catalog is read if the folder is not writable, or when a
-    write fails during the run; nothing half-written is left behind and the shards
-    committed so far are kept for ``resume=True``."""
 
 
 class RunInterrupted(Exception):
@@ -853,7 +841,7 @@ def _dask_client(dask):
     if spec == "local" or spec.startswith("local:"):
         n = int(spec.split(":", 1)[1]) if ":" in spec else (os.cpu_count() or 1)
         if n < 1:
-            raise ValueError(f"--dask {spec!r}: need at least one worker")
+            raise OptionsError(f"--dask {spec!r}: need at least one worker")
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
         return client, [client.close, cluster.close]
@@ -1167,10 +1155,10 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
     """
     options = options or MapOptions()
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise OptionsError(f"batch_size must be >= 1, got {batch_size}")
     shard_size = int(shard_size or 8 * batch_size)
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise OptionsError(f"shard_size must be >= 1, got {shard_size}")
     catalog = Path(catalog).resolve()
     out_dir = Path(out_dir).resolve()
     _check_writable(out_dir)  # a read-only folder is refused before the catalog is read

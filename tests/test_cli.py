@@ -89,3 +89,25 @@ def test_malformed_catalog_exit_code_2(tiny_catalog, tmp_path, capsys):
     assert rc == 2
     assert "missing required column" in err and "psf" in err
     assert not (tmp_path / "o" / "results.fits").exists()
+
+
+def test_choice_lists_are_the_package_constants():
+    import argparse
+
+    from galbayes.cli import build_parser
+    from galbayes.inference.map import OPTIMIZERS, POLISH_METHODS
+    from galbayes.likelihood import LIKELIHOODS
+    from galbayes.pipeline import ERROR_METHODS
+    from galbayes.psf import PSF_TYPES
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+
+    def choices(command, flag):
+        act = next(a for a in sub.choices[command]._actions if flag in a.option_strings)
+        return tuple(act.choices)
+
+    assert choices("fit", "--errors") == tuple(ERROR_METHODS)
+    assert choices("fit", "--likelihood") == choices("sample", "--likelihood") == tuple(LIKELIHOODS)
+    assert choices("fit", "--psf-type") == tuple(PSF_TYPES)
+    assert choices("fit", "--polish") == choices("demo", "--polish") == tuple(POLISH_METHODS)
+    assert choices("fit", "--optimizer") == tuple(sorted(OPTIMIZERS))

@@ -326,3 +326,14 @@ def test_read_block_rejects_other_files(tmp_path):
     fits.writeto(path, np.zeros((4, 4)))
     with pytest.raises(ValueError):
         plot.read_block(path)
+
+
+def test_angle_columns_come_from_the_parameter_declarations():
+    from galbayes import Component, Model
+    from galbayes.plot import _is_angle
+
+    model = Model([Component("bulge", "sersic"), Component("disk", "exponential")])
+    angles = [k for k in model.keys if _is_angle(k, model)]
+    assert angles == [e.key for e in model.entries if e.spec.angle] == ["bulge_pa", "disk_pa"]
+    assert not _is_angle("pa", model)                  # not a column of this model
+    assert [k for k in ("pa", "sersic_pa", "mag", "q", "spa", "pa_err") if _is_angle(k)] == ["pa", "sersic_pa"]

@@ -21,7 +21,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from ..errors import OptionsError
 from ..model import GalaxyArrays, Model
+from ..params import wrap_angle
 from ..status import join_problems
 from .laplace import values_into_bounds
 from .map import MapOptions, fit_map
@@ -82,7 +84,7 @@ def bootstrap_errors(model: Model, batch: GalaxyArrays, values, *, n_boot: int =
         Flag a galaxy when fewer than this fraction of its replicas converged.
     """
     if n_boot < 2:
-        raise ValueError("n_boot must be >= 2")
+        raise OptionsError("n_boot must be >= 2")
     opts = options or MapOptions()
     opts = MapOptions(**{**opts.__dict__, "max_iter": 0, "polish": "lm"})
     batch = jax.tree_util.tree_map(np.asarray, batch)
@@ -120,8 +122,7 @@ def bootstrap_errors(model: Model, batch: GalaxyArrays, values, *, n_boot: int =
 
     # Unwrap angles about the MAP (fit_map wraps them into [-90°, 90°)).
     for i in np.flatnonzero(angle):
-        d = samples[:, :, i] - values[:, None, i]
-        samples[:, :, i] = values[:, None, i] + (d + 90.0) % 180.0 - 90.0
+        samples[:, :, i] = wrap_angle(samples[:, :, i], values[:, None, i])
 
     errors = np.zeros((n_gal, n_ent))
     cov = np.full((n_gal, len(free), len(free)), np.nan)

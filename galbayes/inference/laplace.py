@@ -83,7 +83,10 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
+from ..compiled import compiled
+from ..errors import OptionsError
 from ..model import GalaxyArrays, Model
+from ..params import wrap_angle
 from ..status import join_problems
 from .map import BOUND_MARGIN, BOUND_TOL, MapResult
 
@@ -135,7 +138,7 @@ def values_into_bounds(model: Model, batch: GalaxyArrays, values) -> np.ndarray:
         v = values[..., i]
         if e.spec.angle:
             mid = 0.5 * (lo[..., j] + hi[..., j])
-            v2 = mid + np.mod(v - mid + 90.0, 180.0) - 90.0    # in [mid - 90, mid + 90)
+            v2 = wrap_angle(v, mid)                             # in [mid - 90, mid + 90)
             v = np.where(np.isfinite(v2) & (v2 >= lo[..., j]) & (v2 <= hi[..., j]), v2, v)
         if e.param.prior is None:
             if e.log:
@@ -257,12 +260,10 @@ def _one_loglike_curvature(model: Model, values, gal: GalaxyArrays):
     return hess[0], hess[1]
 
 
-_COMPILED: dict = {}
-
-
 def _compiled(model: Model, what: str):
-    key = (id(model), what)
-    if key not in _COMPILED:
+    """The vmapped, jitted per-galaxy derivative ``what`` of a model (cached on the model by
+    :func:`galbayes.compiled.compiled`)."""
+    def build():
         if what == "jacobian":
             fn = lambda v, g: _one_jacobian(model, v, g)            # noqa: E731
         elif what == "hessian":
@@ -271,8 +272,9 @@ def _compiled(model: Model, what: str):
             fn = lambda v, z, gn, g: _one_hessian(model, v, g, z, gn)   # noqa: E731
         else:  # "curvature"
             fn = lambda v, g: _one_loglike_curvature(model, v, g)   # noqa: E731
-        _COMPILED[key] = (model, jax.jit(jax.vmap(fn)))
-    return _COMPILED[key][1]
+        return jax.jit(jax.vmap(fn))
+
+    return compiled(model, ("laplace", what), build)
 
 
 def _run_batched(fn, arrays, batch, batch_size):
@@ -409,7 +411,7 @@ def laplace_errors(model: Model, batch: GalaxyArrays, values, *, method: str = "
         ``(errors (B, E), covariance (B, S, S), flags)``.
     """
     if method not in ("hessian", "jacobian"):
-        raise ValueError(f"method must be 'hessian' or 'jacobian', got {method!r}")
+        raise OptionsError(f"method must be 'hessian' or 'jacobian', got {method!r}")
     fit = values if isinstance(values, MapResult) else None
     if fit is not None:
         values = fit.values

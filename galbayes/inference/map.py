@@ -50,9 +50,12 @@ from numpyro.infer.initialization import init_to_value
 from numpyro.handlers import replay, seed
 from numpyro.infer.util import compute_log_probs, constrain_fn, log_density, unconstrain_fn
 
+from ..compiled import compiled
+from ..errors import OptionsError
 from ..model import GalaxyArrays, Model
+from ..params import wrap_angle
 
-__all__ = ["MapOptions", "MapResult", "fit_map", "precompile", "OPTIMIZERS", "ROUND_ITER"]
+__all__ = ["MapOptions", "MapResult", "fit_map", "precompile", "OPTIMIZERS", "POLISH_METHODS", "ROUND_ITER"]
 
 OPTIMIZERS = {
     "adam": optax.adam,
@@ -61,6 +64,9 @@ OPTIMIZERS = {
     "nadam": optax.nadam,
     "sgd": lambda lr: optax.sgd(lr, momentum=0.9),
 }
+
+#: Second-order polish after SVI (:attr:`MapOptions.polish`).
+POLISH_METHODS = ("lm", "none")
 
 
 @dataclass(frozen=True)
@@ -100,13 +106,13 @@ class MapOptions:
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
-        if self.polish not in ("lm", "none"):
-            raise ValueError(f"polish must be 'lm' or 'none', got {self.polish!r}")
+            raise OptionsError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+        if self.polish not in POLISH_METHODS:
+            raise OptionsError(f"polish must be 'lm' or 'none', got {self.polish!r}")
         if self.max_iter < 0 or self.lm_iter < 0:
-            raise ValueError("iteration caps must be >= 0")
+            raise OptionsError("iteration caps must be >= 0")
         if self.max_iter == 0 and self.polish == "none":
-            raise ValueError("max_iter=0 with polish='none' would not fit anything")
+            raise OptionsError("max_iter=0 with polish='none' would not fit anything")
 
 
 class MapResult(NamedTuple):
@@ -237,8 +243,7 @@ _FLIP_Q = 0.97          # restart axis ratio after a fit ended on q = 1 (see _ax
 
 def _nearest_middle(angle, lo, hi):
     """The angle ± k·180° (the same ellipse) in [mid − 90°, mid + 90°), mid = (lo + hi)/2."""
-    mid = 0.5 * (lo + hi)
-    return mid + jnp.mod(angle - mid + 90.0, 180.0) - 90.0
+    return wrap_angle(angle, 0.5 * (lo + hi))
 
 
 def _axis_flip(model: Model, gal: GalaxyArrays, values):
@@ -729,19 +734,17 @@ class _Rounds:
         return self.jitted.lower(*args)
 
 
-_COMPILED: dict = {}
-
-
 def _compiled(model: Model, opts: MapOptions, round_iter: int = ROUND_ITER, render: bool = False) -> _Rounds:
     """The round program of a model and options (:class:`_Rounds`; one compiled program per
-    batch shape); every MAP fit goes through here."""
-    key = (id(model), opts, int(round_iter), bool(render))
-    if key not in _COMPILED:
+    batch shape, cached on the model by :func:`galbayes.compiled.compiled`); every MAP fit
+    goes through here."""
+    def build():
         from .. import cache
 
         cache.ensure()
-        _COMPILED[key] = (model, _Rounds(model, opts, int(round_iter), bool(render)))
-    return _COMPILED[key][1]
+        return _Rounds(model, opts, int(round_iter), bool(render))
+
+    return compiled(model, ("map_rounds", opts, int(round_iter), bool(render)), build)
 
 
 def _run_rounds(model: Model, opts: MapOptions, batch: GalaxyArrays, keys, n_slots: int,

@@ -73,6 +73,7 @@ import numpy as np
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
+from ..compiled import compiled
 from ..likelihood import check_likelihood
 from ..model import GalaxyArrays, Model
 from .laplace import invert_curvature, values_into_bounds
@@ -184,14 +185,10 @@ def _program(model: Model, likelihood: str, chains: int, draws: int, warmup: int
     return jax.jit(run)
 
 
-_PROGRAMS: dict = {}
-
-
 def _get_program(model, *args):
-    key = (id(model),) + args
-    if key not in _PROGRAMS:
-        _PROGRAMS[key] = (model, _program(model, *args), {})
-    return _PROGRAMS[key]
+    """``(model, program, compiled executables by argument shapes)`` of a model and sampler
+    settings (cached on the model by :func:`galbayes.compiled.compiled`)."""
+    return compiled(model, ("nuts_program",) + args, lambda: (model, _program(model, *args), {}))
 
 
 def _one_fisher_z(model: Model, values, gal: GalaxyArrays):
@@ -218,17 +215,13 @@ def _one_fisher_z(model: Model, values, gal: GalaxyArrays):
     return jnp.einsum("ns,n,nt->st", jac, w, jac) + jax.jacfwd(prior_grad)(x0)
 
 
-_FISHER: dict = {}
-
-
 def _whitening(model: Model, batch: GalaxyArrays, values) -> np.ndarray:
     """Cholesky factor of the (Gauss–Newton) Laplace covariance in numpyro's unconstrained
     space, per galaxy; a diagonal guess where it is not positive definite (the warmup adapts
     the mass matrix on top anyway)."""
-    if id(model) not in _FISHER:
-        _FISHER[id(model)] = (model, jax.jit(jax.vmap(lambda v, g: _one_fisher_z(model, v, g))))
-    mats = np.asarray(_FISHER[id(model)][1](jnp.asarray(values, jnp.float32),
-                                            jax.tree_util.tree_map(jnp.asarray, batch)), np.float64)
+    fisher = compiled(model, ("nuts_fisher",), lambda: jax.jit(jax.vmap(lambda v, g: _one_fisher_z(model, v, g))))
+    mats = np.asarray(fisher(jnp.asarray(values, jnp.float32),
+                             jax.tree_util.tree_map(jnp.asarray, batch)), np.float64)
     s = model.n_free
     out = np.zeros((values.shape[0], s, s), np.float32)
     for j, m in enumerate(mats):
@@ -309,15 +302,15 @@ def _run_chunk(model, batch, values, seed, settings):
         z0[j] = [float(z[k]) for k in names]
     chol = _whitening(model, batch, values)
     keys = jax.random.split(jax.random.PRNGKey(seed), (n_gal, chains))
-    _, prog, compiled = _get_program(model, *settings)
+    _, prog, executables = _get_program(model, *settings)
     args = (jnp.asarray(z0), jnp.asarray(chol), jax.tree_util.tree_map(jnp.asarray, batch), keys)
     shape_key = tuple(np.shape(a) for a in jax.tree_util.tree_leaves(args))
     t0 = time.perf_counter()
-    if shape_key not in compiled:
-        compiled[shape_key] = prog.lower(*args).compile()
+    if shape_key not in executables:
+        executables[shape_key] = prog.lower(*args).compile()
     compile_time = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled[shape_key](*args))
+    out = jax.block_until_ready(executables[shape_key](*args))
     wall = time.perf_counter() - t0
     vals, div, nsteps, acc, pe, step = (np.asarray(o) for o in out)
     return vals.astype(np.float64), div, nsteps, acc, pe, step, wall, compile_time
@@ -342,9 +335,6 @@ def _diagnostics(model, vals, chains):
     return r_hat, ess
 
 
-_LOGLIKE: dict = {}
-
-
 def pointwise_loglike(model: Model, gal: GalaxyArrays, samples, *, chunk: int = 128) -> np.ndarray:
     """Gaussian log-likelihood of every unmasked pixel at every draw, for PSIS-LOO
     (:func:`arviz.loo`, :mod:`galbayes.compare`): ``−½ ((D − M)/σ)² − ln(σ √(2π))``.
@@ -355,13 +345,11 @@ def pointwise_loglike(model: Model, gal: GalaxyArrays, samples, *, chunk: int = 
     samples = np.asarray(samples, np.float64)
     c, d, e = samples.shape
     flat = samples.reshape(c * d, e)
-    if id(model) not in _LOGLIKE:
-        def one(v, g):
-            r = (g.image - model.render(v, g)) / g.sigma
-            return -0.5 * r * r - jnp.log(g.sigma * jnp.sqrt(2.0 * jnp.pi))
+    def one(v, g):
+        r = (g.image - model.render(v, g)) / g.sigma
+        return -0.5 * r * r - jnp.log(g.sigma * jnp.sqrt(2.0 * jnp.pi))
 
-        _LOGLIKE[id(model)] = (model, jax.jit(jax.vmap(one, in_axes=(0, None))))
-    fn = _LOGLIKE[id(model)][1]
+    fn = compiled(model, ("nuts_loglike",), lambda: jax.jit(jax.vmap(one, in_axes=(0, None))))
     g = jax.tree_util.tree_map(jnp.asarray, gal)
     use = np.asarray(gal.weight).reshape(-1) > 0
     size = min(chunk, len(flat))

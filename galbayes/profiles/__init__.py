@@ -70,7 +70,7 @@ class Profile:
     def __post_init__(self):
         names = [s.name for s in self.params]
         if len(set(names)) != len(names):
-            raise ValueError(f"profile {self.name!r}: duplicate parameter names {names}")
+            raise ModelError(f"profile {self.name!r}: duplicate parameter names {names}")
         for s in self.params:
             if not isinstance(s, ParamSpec):
                 raise TypeError(f"profile {self.name!r}: parameters must be ParamSpec, got {s!r}")
@@ -97,7 +97,7 @@ class Profile:
 def register(prof: Profile, *, overwrite: bool = False) -> Profile:
     """Add a profile to the registry so recipes can name it."""
     if prof.name in _REGISTRY and not overwrite:
-        raise ValueError(f"a profile named {prof.name!r} is already registered (pass overwrite=True)")
+        raise ModelError(f"a profile named {prof.name!r} is already registered (pass overwrite=True)")
     _REGISTRY[prof.name] = prof
     return prof
 
