@@ -79,8 +79,10 @@ def run_cli(catalog: Path, out: Path, cache_dir: Path, extra=()) -> dict:
     timing = json.loads((out / "run.json").read_text()).get("timing", {})
     from astropy.table import Table
 
+    from galbayes.status import is_usable
+
     t = Table.read(out / "results.fits")
-    n_ok = int(np.sum([s == "ok" for s in t["status"]]))
+    n_ok = int(np.sum([is_usable(s) for s in t["status"]]))
     return {"wall_s": round(wall, 2), "n": len(t), "n_ok": n_ok, "gal_per_s": round(len(t) / wall, 3),
             "peak_rss_mb": round(rss[0] / 1024, 1) if rss else None, "timing": timing,
             "converged": int(np.sum(t["converged"]))}
