@@ -211,7 +211,7 @@ DEBUG_HELP = "on an error, show its traceback (default: one line 'galbayes: erro
 
 def build_parser():
     from .likelihood import LIKELIHOODS
-    from .pipeline import ERROR_METHODS
+    from .fitting import ERROR_METHODS
     from .psf import PSF_TYPES
 
     parser = argparse.ArgumentParser(prog="galbayes", description="Batched Bayesian galaxy profile fitting.")

@@ -47,14 +47,6 @@ def default_batch_size() -> int:
     return 8 if jax.default_backend() == "cpu" else 256
 
 
-def _padded_size(n: int, batch_size: int) -> int:
-    """Pad a partial batch to the next power of two (≤ batch_size): few distinct compiled shapes
-    (:func:`galbayes.batching.slot_count`)."""
-    from .batching import slot_count
-
-    return slot_count(n, batch_size)
-
-
 ERROR_METHODS = ("none", "laplace", "jacobian", "bootstrap")
 
 
@@ -151,13 +143,13 @@ def _fit_packed(model, packed: list, options: MapOptions, batch_size: int, error
 
     ``errors`` (None, a method name or :class:`ErrorRequest`) adds an :class:`ErrorEstimate`
     to each group and, for a request with a ``covariance_dir``, writes ``<dir>/<id>.fits``."""
-    from .batching import bucketed, group_by_shape
+    from .batching import bucketed, group_by_shape, slot_count
 
     request = _error_request(errors)
     # every galaxy padded to its stamp/PSF bucket (galbayes.batching): few compiled shapes
     for items, padded in ((g, bucketed(g)) for g in group_by_shape(packed, buckets=True)):
         batch = Model.stack([g for _, g in padded])
-        slots = _padded_size(len(items), batch_size)
+        slots = slot_count(len(items), batch_size)   # a partial group: the next power of two
         res = fit_map(model, batch, options=options, slots=slots, render=render)
         est = _error_estimate(model, batch, res, request, options, batch_size=slots)
         for j, (gid, gal) in enumerate(items):

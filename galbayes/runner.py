@@ -668,7 +668,6 @@ def _worker_model(job: ShardJob):
 
 def _load_rows(model, rows) -> list:
     """``[(row, obs, packed, error)]``; any failure to read or pack a galaxy is its status."""
-
     out = []
     for row in rows:
         try:
@@ -704,7 +703,6 @@ def _batches(packed: list, batch_size: int):
 
 def _fit_batch(model, items, job: ShardJob):
     """Fit one batch; if that raises, fit its galaxies one by one. Returns (fitted, failed)."""
-
     try:
         return list(_fit_packed(model, items, job.options, job.batch_size, errors=job.errors)), {}
     except Exception as exc:  # noqa: BLE001
@@ -724,7 +722,6 @@ def _fit_batch(model, items, job: ShardJob):
 def _fit_shard(model, job: ShardJob, rows: list, loaded: list, deferred: list | None = None):
     """Result rows of one shard (in row order) as a table; writes the image blocks (or, given
     a list ``deferred``, appends the block writes to it as calls for a writer thread)."""
-
     out_dir = Path(job.out_dir)
     results: dict = {}
     obs_by_id, packed = {}, []

@@ -30,7 +30,6 @@ _OPS = {"<=": np.less_equal, ">=": np.greater_equal, "==": np.equal, "!=": np.no
 
 def _row_indices(rows, n_rows: int) -> np.ndarray:
     """0-based row indices from a boolean mask (length ``n_rows``) or an index list."""
-
     rows = np.asarray(rows)
     if rows.dtype == bool:
         if rows.shape != (n_rows,):
@@ -48,7 +47,6 @@ def _row_indices(rows, n_rows: int) -> np.ndarray:
 def _where_mask(table, where: str) -> np.ndarray:
     """Boolean mask of ``table`` rows meeting ``"COLUMN OP VALUE"``."""
     import re
-
 
     m = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*(\S+)\s*", where)
     if m is None:
@@ -112,7 +110,6 @@ def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None
     (astropy.table.Table of the summary rows written now, dict id → problem for skipped ids)
     """
     from astropy.table import Table, vstack
-
 
     if batch_size is None:
         batch_size = 1 if jax.default_backend() == "cpu" else 16
