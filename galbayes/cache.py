@@ -24,6 +24,15 @@ Concurrency
     (atomic on POSIX and NTFS), so processes that fill the cache at the same time never
     read a partial executable; two writers of the same key write identical bytes.
 
+Which jaxlib
+    jaxlib 0.9.x's CPU runtime crashes (SIGSEGV) when it loads a large program from the
+    cache: LLVM links the program's ~1000+ kernel objects recursively on a 512 KiB worker
+    thread stack and overflows it (galbayes' bulge+disk and multi-component MAP programs are
+    that large; docs/known-issues.md). jaxlib 0.10.1 loads them. So on the CPU under
+    jaxlib < 0.10 the cache is *off by default*, with a warning saying why; a folder the user
+    names (``--cache-dir``, ``GALBAYES_CACHE_DIR``, ``configure(path)``) is still used, with
+    the same warning. :func:`cache_off_reason` gives the reason, or None.
+
 Keys
     JAX keys an entry by the serialized program (without source locations), the compile
     options and the backend, so a key survives new processes. galbayes' traced programs do
@@ -37,12 +46,14 @@ compilation, from JAX's monitoring events; the CLI reports it after a run.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import uuid
 from pathlib import Path
 
-__all__ = ["default_cache_dir", "configure", "ensure", "cache_dir", "CompileStats", "compile_stats", "ENV"]
+__all__ = ["default_cache_dir", "configure", "ensure", "cache_dir", "cache_off_reason", "CompileStats",
+           "compile_stats", "ENV"]
 
 #: Environment variable: the cache folder, or ``off`` / ``none`` / ``0`` / empty to disable.
 ENV = "GALBAYES_CACHE_DIR"
@@ -71,6 +82,43 @@ def _requested():
     if env.strip().lower() in _OFF:
         return None
     return Path(env).expanduser()
+
+
+#: The first jaxlib whose CPU runtime loads galbayes' large programs from the cache.
+SAFE_CPU_JAXLIB = (0, 10)
+
+
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string such as '0.9.2' or '0.10.0rc1'."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def cache_off_reason(*, jaxlib_version=None, backend=None):
+    """Why the persistent cache is unsafe in this process (a sentence), or None.
+
+    Parameters
+    ----------
+    jaxlib_version : str, optional
+        Default: the installed jaxlib's.
+    backend : str, optional
+        Default: ``jax.default_backend()`` (this starts the backend, as compiling would).
+    """
+    if jaxlib_version is None:
+        import jaxlib.version
+
+        jaxlib_version = jaxlib.version.__version__
+    if _release(jaxlib_version) >= SAFE_CPU_JAXLIB:
+        return None
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend != "cpu":
+        return None
+    return (f"jaxlib {jaxlib_version} crashes (SIGSEGV) on the CPU when it loads large programs from the "
+            f"persistent compilation cache (docs/known-issues.md); jaxlib 0.10.1, the version CI tests "
+            f"(pip install -c constraints.txt ...), loads them")
 
 
 def _atomic_put(self, key: str, value: bytes) -> None:
@@ -135,12 +183,21 @@ def configure(path=None, *, enabled: bool = True, export: bool = False):
     with _lock:
         folder = None
         if enabled:
+            named = path is not None or os.environ.get(ENV) is not None
             if path is not None:
                 folder = Path(path).expanduser()
             elif ENV not in os.environ and jax.config.jax_compilation_cache_dir:
                 folder = Path(jax.config.jax_compilation_cache_dir)   # the user's own choice stays
+                named = True
             else:
                 folder = _requested()
+            reason = cache_off_reason() if folder is not None else None
+            if reason is not None:
+                if named:
+                    _warn(f"using the compilation cache in {folder} as asked, but {reason}")
+                else:
+                    _warn(f"the compilation cache is off: {reason}")
+                    folder = None
         if folder is not None:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -165,6 +222,19 @@ def configure(path=None, *, enabled: bool = True, export: bool = False):
         return folder
 
 
+_warned = set()
+
+
+def _warn(message: str) -> None:
+    """Warn once per process per message."""
+    if message in _warned:
+        return
+    _warned.add(message)
+    import warnings
+
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def ensure():
     """Configure the default cache once per process (no-op if already configured, or if
     the user configured JAX's cache folder themselves)."""
@@ -174,6 +244,9 @@ def ensure():
 
     user_dir = jax.config.jax_compilation_cache_dir
     if user_dir:
+        reason = cache_off_reason()
+        if reason is not None:
+            _warn(f"JAX's compilation cache is set to {user_dir}, but {reason}")
         with _lock:
             _state.update(configured=True, dir=Path(user_dir))
         _patch_atomic_writes()

@@ -95,7 +95,9 @@ def cmd_fit(args):
     wall = time.perf_counter() - t0
     print(f"fitted {n_ok}/{len(table)} galaxies in {wall:.1f} s; results in {Path(args.out) / 'results.fits'}")
     if stats is not None and not args.quiet:
-        where = "off" if args.no_cache else (args.cache_dir or "default folder")
+        from . import cache
+
+        where = cache.cache_dir() or "off"
         print(f"{stats.summary()} (cache: {where}; per-run figures in {Path(args.out) / 'run.json'})")
     if not args.quiet:
         _print_table(table, [k for k in model.free_keys if k in model.keys])

@@ -11,8 +11,9 @@ def _share_compiled_programs():
     """Persistent XLA cache for this pytest process, so identical programs built from other
     Model objects (test_catalog, test_cli, test_map, ...) are compiled once; the folder
     ``GALBAYES_TEST_XLA_DIR`` if set (tools/run_tests.py shares one between its processes),
-    else a temporary one. Opt out with GALBAYES_TEST_JAX_CACHE=0; an already configured cache
-    directory is left alone."""
+    else a temporary one; exported as ``GALBAYES_CACHE_DIR`` (unless set) so that subprocesses
+    (CLI runs, notebook kernels) use it and never the user's own cache. Opt out with
+    GALBAYES_TEST_JAX_CACHE=0; an already configured cache directory is left alone."""
     if os.environ.get("GALBAYES_TEST_JAX_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
         return
     path = os.environ.get("GALBAYES_TEST_XLA_DIR")   # shared by tools/run_tests.py's processes
@@ -20,6 +21,7 @@ def _share_compiled_programs():
         path = tempfile.mkdtemp(prefix="galbayes-test-xla-")
         atexit.register(shutil.rmtree, path, ignore_errors=True)
     jax.config.update("jax_compilation_cache_dir", path)
+    os.environ.setdefault("GALBAYES_CACHE_DIR", path)   # subprocesses (CLI, notebook kernels) too
     from galbayes import cache
 
     cache._patch_atomic_writes()   # several processes may write the same entry at once

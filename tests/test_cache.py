@@ -89,3 +89,40 @@ def test_atomic_put_leaves_no_partial_file(tmp_path):
     cache._atomic_put(Fake(), "k1", b"zzz")          # an existing key is kept
     assert (tmp_path / f"k1{cache._SUFFIX}").read_bytes() == b"abc"
     assert [p.name for p in tmp_path.iterdir()] == [f"k1{cache._SUFFIX}"]
+
+
+def test_cache_is_off_by_default_where_jaxlib_crashes_loading_it(tmp_path, monkeypatch):
+    """jaxlib < 0.10 on the CPU: the default cache is off with a warning; a folder the user
+    names is used, with the same warning; jaxlib 0.10 or a GPU backend: no reason."""
+    assert "SIGSEGV" in cache.cache_off_reason(jaxlib_version="0.9.2", backend="cpu")
+    assert cache.cache_off_reason(jaxlib_version="0.4.30", backend="cpu") is not None
+    assert cache.cache_off_reason(jaxlib_version="0.10.1", backend="cpu") is None
+    assert cache.cache_off_reason(jaxlib_version="0.11.0rc1", backend="cpu") is None
+    assert cache.cache_off_reason(jaxlib_version="0.9.2", backend="gpu") is None
+
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    saved_state, saved_dir = dict(cache._state), jax.config.jax_compilation_cache_dir
+    monkeypatch.setattr(cache, "cache_off_reason", lambda **kw: "jaxlib 0.0 crashes (test)")
+    monkeypatch.setattr(cache, "_warned", set())
+    monkeypatch.delenv(cache.ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        with pytest.warns(RuntimeWarning, match="compilation cache is off: jaxlib 0.0 crashes"):
+            assert cache.configure() is None
+        assert cache.cache_dir() is None and jax.config.jax_compilation_cache_dir is None
+        named = tmp_path / "named"
+        with pytest.warns(RuntimeWarning, match="as asked, but jaxlib 0.0 crashes"):
+            assert cache.configure(named) == named
+        assert jax.config.jax_compilation_cache_dir == str(named)
+        monkeypatch.setenv(cache.ENV, str(tmp_path / "env"))
+        jax.config.update("jax_compilation_cache_dir", None)
+        with pytest.warns(RuntimeWarning, match="as asked"):
+            assert cache.configure() == tmp_path / "env"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved_dir)
+        cc.reset_cache()
+        cache._state.clear()
+        cache._state.update(saved_state)

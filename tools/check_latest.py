@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Try galbayes against the newest releases of its dependencies and report what breaks.
 
-pyproject.toml caps a few dependencies (jax/jaxlib < 0.10, arviz < 1; reasons in
+pyproject.toml caps a few dependencies (jax/jaxlib < 0.10.2, arviz < 1; reasons in
 docs/known-issues.md) and constraints.txt pins the exact set CI tests. This script ignores
 both: it makes a fresh virtualenv, installs galbayes without dependencies, then the newest
 release of every dependency, and runs
 
 1. the crash reproducer (tools/repro_jaxlib_crash.py) natively and, when ``qemu-x86_64`` is
-   installed, under an emulated AVX2-only CPU (Haswell: the class of CPU where jaxlib 0.10.x
+   installed, under an emulated AVX2-only CPU (Haswell: the class of CPU where jaxlib 0.10.2
    segfaults), one case per process so that a crash is reported, not fatal;
 2. a quick subset of the test suite (or ``--tests all``).
 
