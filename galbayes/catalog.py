@@ -6,9 +6,12 @@ the noise as one of ``sigma``, ``variance``, ``ivar``, ``weight`` (= ivar) or ``
 ``gain`` or the image header's ``GAIN``, see :mod:`galbayes.data`), optional ``mask``,
 ``mask_keep`` (segmentation value to keep), ``mask_bits`` (bit planes to reject: an integer
 bitmask or ``"0,2,5"`` bit numbers or ``"BAD,SAT"`` plane names), ``gain``, ``zp``,
-``pixel_scale``, ``hdu``, and per-galaxy initial values ``<component>_<param>`` (e.g.
-``sersic_re``, ``bulge_n``). Any path may name its HDU: ``calexp.fits[VARIANCE]``,
-``file.fits[2]``, ``file.fits[SCI,2]``.
+``pixel_scale``, ``hdu``, per-galaxy initial values ``<component>_<param>`` (e.g.
+``sersic_re``, ``bulge_n``) and per-galaxy bounds ``<component>_<param>_lo`` /
+``<component>_<param>_hi`` (in the model's units, like the initial values; they replace the
+model's bounds of that parameter for that galaxy, and so its uniform prior; either may be
+given alone; ``galbayes prepare --data-bounds`` writes them). Any path may name its HDU:
+``calexp.fits[VARIANCE]``, ``file.fits[2]``, ``file.fits[SCI,2]``.
 
 Other columns (``ra``, ``dec``, ``z``, ``notes``, ...) are carried along unread, except those
 that *look like* an initial value but name none of the model's parameters: a column is
@@ -58,7 +61,7 @@ _FITS_CHUNK = 8192      # FITS rows per memory-mapped range
 
 @dataclass
 class CatalogRow:
-    """One galaxy's entry: paths and settings, and its initial values."""
+    """One galaxy's entry: paths and settings, its initial values and its bounds."""
 
     index: int
     id: str
@@ -79,6 +82,7 @@ class CatalogRow:
     mask_bits: object = None
     gain: float | None = None
     psf_type: str | None = None
+    bounds: dict | None = None    # key -> (lo or None, hi or None), from <key>_lo / <key>_hi
 
     def path(self, p):
         """``p`` resolved against the catalog's folder (None for an empty path); a trailing
@@ -123,6 +127,14 @@ def _norm(v):
     if isinstance(v, (float, np.floating)) and math.isnan(v):
         return None
     return v.item() if hasattr(v, "item") else v
+
+
+def bound_column(column: str):
+    """``("sersic_re", 0)`` for ``sersic_re_lo``, ``(..., 1)`` for ``..._hi``, else ``(None, None)``."""
+    for side, suffix in enumerate(("_lo", "_hi")):
+        if column.endswith(suffix) and len(column) > len(suffix):
+            return column[: -len(suffix)], side
+    return None, None
 
 
 def parameter_like(column: str, model) -> str | None:
@@ -260,6 +272,7 @@ class Catalog:
             seen.add(c)
         standard = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
         self.init_cols = []
+        self.bound_cols = {}      # column -> (parameter key, 0 for lo / 1 for hi)
         for c in cols:
             if c in standard:
                 continue
@@ -272,7 +285,15 @@ class Catalog:
             if c in self.model.keys:
                 self.init_cols.append(c)
                 continue
-            close = parameter_like(c, self.model)
+            key, side = bound_column(c)
+            if key in self.model.keys:
+                if key not in self.model.free_keys:
+                    raise CatalogError(f"{self.path}: column {c!r} bounds {key!r}, which the model fixes")
+                self.bound_cols[c] = (key, side)
+                continue
+            close = parameter_like(c if key is None else key, self.model)
+            if key is not None and close not in (None, "?"):
+                close += c[len(key):]                     # sersic_ree_lo -> did you mean sersic_re_lo?
             if close is not None:
                 hint = f"did you mean {close!r}? " if close != "?" else ""
                 raise CatalogError(f"{self.path}: column {c!r} names no parameter of the model ({hint}parameters: "
@@ -383,6 +404,16 @@ class Catalog:
                 x = number(c, float, v)
                 if x is not None:
                     init[c] = x
+        bounds = {}
+        for c, (key, side) in self.bound_cols.items():
+            v = get(c)
+            if v is not None:
+                x = number(c, float, v)
+                if x is not None:
+                    pair = bounds.setdefault(key, [None, None])
+                    pair[side] = x
+        if bounds:
+            kw["bounds"] = {k: tuple(b) for k, b in bounds.items()}
         for c in ("image", "psf"):
             if kw.get(c) is None:
                 kw[c] = ""  # reported per galaxy as a missing file, the run goes on

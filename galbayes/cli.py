@@ -297,7 +297,8 @@ def build_parser():
     p.add_argument("--zp", type=float, default=None, help="zero point (default: header MAGZP etc., else 22.5)")
     p.add_argument("--pixel-scale", type=float, default=None, help="arcsec per pixel for the catalog")
     p.add_argument("--data-bounds", action="store_true",
-                   help="also write prepare_bounds.csv: bounds centred on the estimates (recorded, not applied)")
+                   help="also write per-galaxy bounds columns (sersic_xc_lo, ...) centred on the estimates: centre "
+                        "± 3 px, re within a factor 3, mag ± 1; galbayes fit applies them")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
 

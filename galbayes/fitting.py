@@ -186,7 +186,7 @@ def _load_chunk(model, rows):
     for row in rows:
         try:
             obs = row.load()
-            loaded.append((row, obs, model.pack(obs, row.init), None))
+            loaded.append((row, obs, model.pack(obs, row.init, bounds=row.bounds), None))
         except (InputError, ModelError) as exc:
             loaded.append((row, None, None, input_error(exc)))
     return loaded

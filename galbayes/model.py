@@ -302,12 +302,17 @@ class Model:
             return -level, level
         return tuple(float(b) for b in spec.bounds)
 
-    def initial_values(self, obs: Observation, init: dict | None = None, *, guess: bool = True):
+    def initial_values(self, obs: Observation, init: dict | None = None, *, bounds: dict | None = None,
+                       guess: bool = True):
         """Initial values of every entry and bounds of the free ones, in user units.
 
         Precedence: ``init`` (per-galaxy values keyed ``<component>_<param>``, e.g. catalog
         columns) > the model's ``Param.init`` > image moments (:func:`~galbayes.initial.moment_guess`,
         for centre, pa, q, sizes and mag; ``guess=False`` skips it) > the profile's default.
+
+        ``bounds`` (per-galaxy, keyed like ``init``, values ``(lo, hi)`` with None for "the
+        model's") replace the model's bounds of a free parameter for this galaxy, and with them
+        its uniform prior.
         """
         moments = moment_guess(obs) if guess else None
         init = dict(init or {})
@@ -315,12 +320,18 @@ class Model:
         if unknown:
             raise ModelError(f"initial values given for unknown parameter(s) {sorted(unknown)}; "
                              f"the model has {self.keys}")
+        bounds = dict(bounds or {})
+        unknown = set(bounds) - set(self.free_keys)
+        if unknown:
+            raise ModelError(f"bounds given for parameter(s) {sorted(unknown)} that are not free parameters "
+                             f"of the model (free: {self.free_keys})")
         n_light = sum(1 for c in self.components if self.profiles[c.name].convolve)
         values, lo, hi = [], [], []
         for i, e in enumerate(self.entries):
             scale = self._unit_scale(obs, e.spec)
             v = init.get(e.key, e.param.init)
-            if v is None or (isinstance(v, float) and math.isnan(v)):
+            guessed = v is None or (isinstance(v, float) and math.isnan(v))
+            if guessed:
                 v = self._default_init(obs, e.spec, n_light, moments) * (scale if e.spec.is_size else 1.0)
             v = float(v)
             if e.static_zero and v != 0.0:
@@ -335,6 +346,14 @@ class Model:
                 b = self._default_bounds(obs, e.spec, v)
                 if e.spec.is_size and not isinstance(e.spec.bounds, str):
                     b = (b[0] * scale, b[1] * scale)
+            if e.key in bounds:
+                given = bounds[e.key]
+                b = tuple(float(g) if g is not None else float(d) for g, d in zip(given, b))
+                if not all(math.isfinite(x) for x in b):
+                    raise InputError(f"bounds {b} are not finite", galaxy=obs.id, what=e.key)
+                if guessed and b[0] < b[1]:
+                    v = float(min(max(v, b[0]), b[1]))   # a guessed start moves inside the given bounds
+                    values[-1] = v
             if not b[0] < b[1]:
                 raise InputError(f"bounds {b} are inverted or empty", galaxy=obs.id, what=e.key)
             if e.log and b[0] <= 0:
@@ -356,14 +375,16 @@ class Model:
         kind = getattr(obs, "psf_type", None) or self.psf_type or DEFAULT_PSF_TYPE
         return check_psf_type(kind, galaxy=obs.id)
 
-    def pack(self, obs: Observation, init: dict | None = None, *, guess: bool = True) -> GalaxyArrays:
-        """One galaxy's :class:`GalaxyArrays` (numpy leaves; stack for a batch).
+    def pack(self, obs: Observation, init: dict | None = None, *, bounds: dict | None = None,
+             guess: bool = True) -> GalaxyArrays:
+        """One galaxy's :class:`GalaxyArrays` (numpy leaves; stack for a batch); ``init`` and
+        ``bounds`` as in :meth:`initial_values`.
 
         The convolution kernel (the PSF with the pixel response divided out for an effective
         PSF) is computed here, once per galaxy, from the PSF image alone; only its zero-padded
         FFT depends on the stamp shape.
         """
-        values0, lo, hi = self.initial_values(obs, init, guess=guess)
+        values0, lo, hi = self.initial_values(obs, init, bounds=bounds, guess=guess)
         scale = 1.0
         if self.size_unit == "arcsec":
             scale = self._unit_scale(obs, ParamSpec("s", "pix"))

@@ -45,7 +45,7 @@ class FitOutput:
         return {k: float(r[k]) for k in self.model.keys}
 
 
-def fit(model: Model, observations, *, init=None, options: MapOptions | None = None,
+def fit(model: Model, observations, *, init=None, bounds=None, options: MapOptions | None = None,
         batch_size: int | None = None, errors: str = "none", psf_type: str | None = None,
         **option_kw) -> FitOutput:
     """Fit in-memory galaxies (MAP: SVI + optax, LM polish).
@@ -57,6 +57,9 @@ def fit(model: Model, observations, *, init=None, options: MapOptions | None = N
         Galaxies (ids default to their position).
     init : dict or list of dict, optional
         Per-galaxy initial values keyed ``<component>_<param>``.
+    bounds : dict or list of dict, optional
+        Per-galaxy bounds ``{key: (lo, hi)}`` (None for "the model's"), replacing the model's
+        bounds and uniform prior of those free parameters (:meth:`Model.initial_values`).
     options : MapOptions, optional
         Fitter settings; keyword arguments override fields.
     batch_size : int, optional
@@ -79,20 +82,24 @@ def fit(model: Model, observations, *, init=None, options: MapOptions | None = N
     if isinstance(observations, Observation):
         observations = [observations]
     inits = init if isinstance(init, (list, tuple)) else [init] * len(observations)
+    limits = bounds if isinstance(bounds, (list, tuple)) else [bounds] * len(observations)
+    for name, given in (("init", inits), ("bounds", limits)):
+        if len(given) != len(observations):
+            raise InputError(f"{len(given)} {name} entries for {len(observations)} observations", what=name)
     opts = options or MapOptions()
     if option_kw:
         opts = MapOptions(**{**opts.__dict__, **option_kw})
     rows, packed, out = {}, [], FitOutput(table=None, model=model)
     by_id = {}
     order = []
-    for i, (obs, ini) in enumerate(zip(observations, inits)):
+    for i, (obs, ini, lim) in enumerate(zip(observations, inits, limits)):
         gid = obs.id if obs.id is not None else str(i)
         if gid in rows or gid in order:
             raise InputError(f"duplicate galaxy id {gid!r} (observations {order.index(gid)} and {i}); "
                              "ids must be unique")
         order.append(gid)
         try:
-            gal = model.pack(obs, ini)
+            gal = model.pack(obs, ini, bounds=lim)
         except (InputError, ModelError) as exc:
             rows[gid] = {"id": gid, "status": input_error(exc)}
             continue

@@ -37,8 +37,8 @@ each position with a side of ``size_factor`` × the target's segment extent (at 
 Outputs, beside the catalog: ``<stem>_prep/`` (masks, segmentation maps, estimated σ maps and
 frame cutouts), ``prepare_status.csv`` (one row per target in input order: ``id``,
 ``status`` = ``ok`` or the reason it was left out, and notes), ``prepare.json`` (the settings),
-and with ``data_bounds`` ``prepare_bounds.csv`` (per-galaxy bounds centred on the estimates,
-see :func:`data_bounds`). The catalog itself holds only the targets that were prepared; its
+and with ``data_bounds`` per-galaxy bounds columns centred on the estimates (``sersic_xc_lo``, ...,
+see :func:`data_bounds`), which ``galbayes fit`` applies as those galaxies' bounds and priors. The catalog itself holds only the targets that were prepared; its
 extra columns (``segmap``, ``prepare_note``, ``ra``, ``dec``, ...) are carried along unread
 by ``galbayes fit``. A target that fails never stops the run.
 """
@@ -462,6 +462,10 @@ def analyse_cutout(image, *, sigma=None, psf=None, gain=None, zp: float = _DEFAU
 
 
 # --------------------------------------------------------------------------- bounds
+#: The per-galaxy bounds columns :func:`data_bounds` fills (read by galbayes.catalog).
+BOUND_COLUMNS = tuple(f"sersic_{p}_{s}" for p in ("xc", "yc", "re", "mag") for s in ("lo", "hi"))
+
+
 def data_bounds(est: dict, *, centre: float = 3.0, re_factor: float = 3.0, mag: float = 1.0) -> dict:
     """Per-galaxy bounds centred on the estimates: centre ± ``centre`` px, ``re`` within a
     factor ``re_factor``, ``mag`` ± ``mag``. Keys ``sersic_<p>_lo`` / ``sersic_<p>_hi``."""
@@ -529,7 +533,7 @@ class _Writer:
         self.dir = self.base / f"{self.out.stem}_prep"
         self.bounds = bounds
         self.settings = settings
-        self.rows, self.status, self.brows = [], [], []
+        self.rows, self.status = [], []
 
     def files(self, gid):
         s = _safe(gid)
@@ -543,7 +547,7 @@ class _Writer:
         self.rows.append(row)
         self.status.append({"id": gid, "status": OK, "note": row["prepare_note"]})
         if self.bounds:
-            self.brows.append({"id": gid, **data_bounds(e)})
+            row.update(data_bounds(e))
 
     def fail(self, gid, exc):
         msg = str(exc) if isinstance(exc, InputError) and exc.galaxy is not None else f"galaxy {gid}: {exc}"
@@ -563,18 +567,19 @@ class _Writer:
         cols = ["id", "image", "sigma", "psf", "mask", "zp"]
         if any(r.get("pixel_scale") is not None for r in self.rows):
             cols.append("pixel_scale")
-        cols += list(SERSIC_COLUMNS) + ["segmap"] + list(extra_cols) + ["prepare_note"]
+        cols += list(SERSIC_COLUMNS)
+        if self.bounds:
+            cols += list(BOUND_COLUMNS)
+        cols += ["segmap"] + list(extra_cols) + ["prepare_note"]
         self._csv(self.out, self.rows, cols)
         self._csv(self.base / "prepare_status.csv", self.status, ["id", "status", "note"])
-        if self.bounds:
-            bcols = ["id"] + [f"sersic_{p}_{s}" for p in ("xc", "yc", "re", "mag") for s in ("lo", "hi")]
-            self._csv(self.base / "prepare_bounds.csv", self.brows, bcols)
         import photutils
 
         info = dict(self.settings, photutils=photutils.__version__, catalog=self.out.name,
                     n_targets=len(self.status), n_ok=len(self.rows),
-                    data_bounds=("prepare_bounds.csv: centre ± 3 px, re within ×/÷ 3, mag ± 1 of the "
-                                 "estimates (recorded; galbayes fit does not read per-galaxy bounds)")
+                    data_bounds=("catalog columns " + ", ".join(BOUND_COLUMNS) + ": centre ± 3 px, re within "
+                                 "×/÷ 3, mag ± 1 of the estimates; galbayes fit uses them as these "
+                                 "galaxies' bounds (uniform priors)")
                     if self.bounds else None)
         (self.base / "prepare.json").write_text(json.dumps(info, indent=2) + "\n")
         return self.out
@@ -630,7 +635,8 @@ def prepare_cutouts(*, images, out, psf=None, sigma_suffix: str = "_sigma", imag
     pixel_scale : float, optional
         Written to the catalog's ``pixel_scale`` column.
     data_bounds : bool
-        Also write ``prepare_bounds.csv`` (:func:`data_bounds`).
+        Also write per-galaxy bounds columns centred on the estimates (:func:`data_bounds`),
+        which ``galbayes fit`` applies.
     n_sigma, n_pixels, contrast, dilate, dilate_scale
         Detection and mask settings (:func:`analyse_cutout`).
     progress : callable, optional
@@ -744,7 +750,7 @@ def prepare_frame(*, image, positions, out, psf=None, sigma=None, gain=None, zp=
     pixel_scale : float, optional
         Arcsec per pixel for the catalog (default: from the WCS).
     data_bounds : bool
-        Also write ``prepare_bounds.csv``.
+        Also write per-galaxy bounds columns (see :func:`prepare_cutouts`).
     size_factor, min_size, max_size
         Cutout side = ``size_factor`` × the target segment's largest extent (bounding box),
         at least ``min_size``, at most ``max_size`` pixels, rounded up to the stamp buckets

@@ -228,14 +228,17 @@ def _file_sha256(path) -> str:
 
 
 def run_fingerprint(catalog, model, options: MapOptions, *, batch_size: int, shard_size: int,
-                    blocks: bool = True, errors=None) -> dict:
+                    blocks: bool = True, errors=None, bound_columns=()) -> dict:
     """The run's identity: SHA-256 of the catalog file's bytes, of the model description,
     of the options (fit settings, batch and shard size) and of the software versions.
+    ``bound_columns``: the catalog's per-galaxy bounds columns, recorded (they replace the
+    model's bounds, and priors, of those galaxies; their values are in the catalog's hash).
 
     Returns ``{"hashes": {part: sha256}, "described": {part: readable description}}``.
     """
     described = {
-        "catalog": {"path": str(catalog), "bytes": os.path.getsize(catalog)},
+        "catalog": {"path": str(catalog), "bytes": os.path.getsize(catalog),
+                    **({"per_galaxy_bounds": sorted(bound_columns)} if bound_columns else {})},
         "recipe": {"source": getattr(model, "source", None) or "(built in Python)",
                    "model": describe_model(model)},
         "options": _describe_options(options, batch_size=batch_size, shard_size=shard_size,
@@ -1163,7 +1166,7 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
     n_rows = cat.scan(shard_size)  # malformed catalogs stop here, before any fit
     n_shards = cat.n_shards()
     fp = run_fingerprint(catalog, model, options, batch_size=batch_size, shard_size=shard_size,
-                         blocks=blocks, errors=errors)
+                         blocks=blocks, errors=errors, bound_columns=cat.bound_cols)
     run_id = _sha256_json(fp["hashes"])[:16]
     cat.check_unchanged()  # the fingerprint is of the catalog that was validated
 

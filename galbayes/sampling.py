@@ -154,7 +154,7 @@ def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None
         try:
             obs = rows[gid].load()
             init = {k: float(by_id[gid][k]) for k in model.keys}
-            packed.append((gid, model.pack(obs, init)))
+            packed.append((gid, model.pack(obs, init, bounds=rows[gid].bounds)))   # the fit's priors
         except (InputError, ModelError) as exc:
             skipped[gid] = str(exc)
     summary = []

@@ -192,13 +192,16 @@ def test_prepare_cutouts_catalog_status_and_sigma(cutout_dir, scenes, tmp_path):
         assert abs(row.init["sersic_xc"] - truth["xc"]) < 1 and abs(row.init["sersic_re"] / truth["re"] - 1) < 0.3
         obs = row.load()                                                            # mask and σ load
         assert obs.n_pixels < obs.image.size
-    with open(tmp_path / "prepare_bounds.csv", newline="") as fh:
-        bounds = {r["id"]: r for r in csv.DictReader(fh)}
-    for gid in rows:
+    for gid, row in rows.items():              # --data-bounds: per-galaxy bounds columns, read back
         truth = scenes[int(gid[1])][4]
-        b = bounds[gid]
-        assert float(b["sersic_re_lo"]) < truth["re"] < float(b["sersic_re_hi"])
-        assert float(b["sersic_xc_lo"]) < truth["xc"] < float(b["sersic_xc_hi"])
+        b = row.bounds
+        assert set(b) == {"sersic_xc", "sersic_yc", "sersic_re", "sersic_mag"}
+        assert b["sersic_re"][0] < truth["re"] < b["sersic_re"][1]
+        assert b["sersic_xc"][0] < truth["xc"] < b["sersic_xc"][1]
+        assert b["sersic_mag"][1] - b["sersic_mag"][0] == pytest.approx(2.0)
+        gal = load_recipe("sersic").pack(row.load(), row.init, bounds=row.bounds)
+        j = load_recipe("sersic").free_keys.index("sersic_re")
+        assert (gal.lo[j], gal.hi[j]) == pytest.approx(b["sersic_re"], rel=1e-6)
 
 
 # ------------------------------------------------------------------ a frame with a WCS
