@@ -188,7 +188,8 @@ def _write_run_info(out_dir, catalog, model, errors: str, timing: dict | None = 
     import json
 
     info = {"catalog": str(Path(catalog).resolve()), "recipe": getattr(model, "source", None),
-            "likelihood": model.likelihood, "size_unit": model.size_unit, "errors": errors,
+            "likelihood": model.likelihood, "psf_type": model.psf_type, "size_unit": model.size_unit,
+            "errors": errors,
             "free_keys": list(model.free_keys)}
     if timing:
         info["timing"] = timing

@@ -67,6 +67,12 @@ def _where_mask(table, where: str) -> np.ndarray:
     return _OPS[op](values.astype(str), raw.strip("'\""))
 
 
+def fit_model(run: dict):
+    """The model a ``galbayes fit`` run used, from its ``run.json``: the recipe with the
+    run's likelihood and PSF kind (``--psf-type``; older runs without it: the recipe's)."""
+    return load_recipe(run["recipe"], likelihood=run.get("likelihood"), psf_type=run.get("psf_type"))
+
+
 def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None, where: str | None = None,
                    chains: int = 4, draws: int = 1000, warmup: int = 500, seed: int = 0,
                    likelihood: str = "gaussian", batch_size: int | None = None,
@@ -124,7 +130,7 @@ def sample_results(results_dir, *, ids=None, worst: int | None = None, rows=None
     run = json.loads(run_path.read_text())
     if not run.get("recipe"):
         raise ModelError(f"{run_path}: the fit was made with a model built in Python (no recipe file)")
-    model = load_recipe(run["recipe"], likelihood=run.get("likelihood"))
+    model = fit_model(run)
     table = Table.read(results_dir / "results.fits")
     status = [str(s) for s in table["status"]]
     by_id = {str(r["id"]): r for r in table}

@@ -162,9 +162,14 @@ def test_cli_fit_with_errors_then_sample(tmp_path):
     out = tmp_path / "out"
     run = [sys.executable, "-m", "galbayes"]
     r = subprocess.run(run + ["fit", str(tmp_path / "cat.csv"), "--model", "sersic", "--out", str(out),
-                              "--errors", "laplace", "--quiet", "--batch-size", "2"],
+                              "--errors", "laplace", "--quiet", "--batch-size", "2", "--psf-type", "optical"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    import json
+
+    from galbayes.sampling import fit_model
+    info = json.loads((out / "run.json").read_text())
+    assert info["psf_type"] == "optical" and fit_model(info).psf_type == "optical"   # sample's model = the fit's
     table = Table.read(out / "results.fits")
     assert np.all(np.isfinite(table["sersic_re_err"])) and np.all(table["sersic_re_err"] > 0)
     assert (out / "covariance" / "g0.fits").exists() and (out / "run.json").exists()
