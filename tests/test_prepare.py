@@ -7,6 +7,7 @@ CLI `galbayes prepare` followed by `galbayes fit` on its catalog.
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +122,61 @@ def test_sdss_masks_agree_with_shipped():
         # the shipped galaxy segment is (almost) never masked by ours (J162123's shipped map
         # gives its kept value to a small separate source 35 px away too, which ours masks)
         assert np.mean(an.mask[shipped == keep] > 0) < 0.05
+
+
+PYSERSIC = Path(__file__).resolve().parents[2] / "shared" / "data" / "pysersic_examples"
+
+
+def _hsc(name):
+    d = PYSERSIC
+    if not (d / f"{name}_im.npy").is_file():
+        pytest.skip(f"needs ../shared/data/pysersic_examples ({d} not found)")
+    im, sig = (np.load(d / f"{name}_{k}.npy").astype(np.float64) for k in ("im", "sig"))
+    return im, sig, np.load(d / f"{name}_mask.npy") > 0, np.load(d / f"{name}_psf.npy").astype(np.float64)
+
+
+def test_hsc_masks_agree_with_pysersic_and_fits_with_hand_started(tmp_path):
+    """pysersic's HSC examples (masks made by hand for its notebooks): our automatic mask
+    agrees on >= 90 % of pixels and leaves the target's core unmasked; the fit of gal2 from our
+    mask agrees with the fit from pysersic's mask (same start) within 3 stated errors in
+    centre, pa and q, and within 3 % in re and n and 0.02 in mag (see below)."""
+    from galbayes.pipeline import fit
+    from galbayes.recipe import load_recipe
+
+    obs, inits = [], []
+    for name in ("gal1", "gal2", "gal3"):
+        im, sig, shipped, psf = _hsc(name)
+        an = analyse_cutout(im, sigma=sig, psf=psf, galaxy=name)
+        ours = an.mask > 0
+        assert np.mean(ours == shipped) >= 0.90, (name, np.mean(ours == shipped))
+        e = an.estimates
+        y, x = np.mgrid[:im.shape[0], :im.shape[1]]
+        core = np.hypot(x - e["xc"], y - e["yc"]) < max(2.0, e["r50"])
+        assert np.mean(ours[core]) < 0.05, name
+        if name == "gal2":      # one galaxy fitted both ways (one compiled program for both)
+            start = {f"sersic_{p}": e[p] for p in KEYS}
+            obs += [Observation(image=im, sigma=sig, psf=psf, mask=an.mask, id="auto"),
+                    Observation(image=im, sigma=sig, psf=psf, mask=shipped.astype(np.uint8), id="hand")]
+            inits += [start, start]
+    out = fit(load_recipe("sersic"), obs, init=inits, errors="jacobian")
+    t = {str(r["id"]): r for r in out.table}
+    assert all(str(t[k]["status"]).startswith("ok") for k in t), [t[k]["status"] for k in t]
+    report = {}
+    for p in ("xc", "yc", "pa", "q", "re", "n", "mag"):
+        k = f"sersic_{p}"
+        diff = abs(float(t["auto"][k]) - float(t["hand"][k]))
+        err = float(np.hypot(t["auto"][k + "_err"], t["hand"][k + "_err"]))
+        report[p] = (round(float(t["auto"][k]), 4), round(float(t["hand"][k]), 4), round(diff / err, 2))
+    print("\nauto, hand, |diff|/err:", report)
+    for p in ("xc", "yc", "pa", "q"):
+        assert report[p][2] <= 3.0, (p, report)
+    # re, n and mag differ by ~4 stated (statistical) errors: a faint companion 36 px out
+    # (374 px, 2 % of the target's flux) that pysersic's mask covers stays in our target
+    # segment (deblending contrast 0.02; 0.01 deblends it but over-masks an SDSS galaxy).
+    # The mask choice is a systematic larger than the noise; bound it instead.
+    a, h = report["re"][0], report["re"][1]
+    assert abs(a / h - 1) < 0.03 and abs(report["n"][0] / report["n"][1] - 1) < 0.03, report
+    assert abs(report["mag"][0] - report["mag"][1]) < 0.02, report
 
 
 def test_estimate_sigma_background_and_poisson():
