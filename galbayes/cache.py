@@ -40,6 +40,8 @@ Keys
     enters a trace; ``tests/test_cache.py`` runs the same fit in two fresh processes with
     different hash seeds and checks that the second compiles nothing).
 
+The traced MAP programs (:mod:`galbayes.traced`) are kept in ``<folder>/traced``.
+
 :class:`CompileStats` counts compilations and cache hits, and sums the time spent in XLA
 compilation, from JAX's monitoring events; the CLI reports it after a run.
 """

@@ -32,6 +32,7 @@ from .profiles import Profile, get_profile
 from .profiles.builtin import flux_from_mag
 from .psf import (DEFAULT_PSF_TYPE, PSF_TYPES, UNDERSAMPLED_FWHM, canvas_fft_shape, canvas_margin, canvas_shape,
                   check_psf_type, convolve_canvas, delta_hat, kernel_fft, optical_kernel, psf_fwhm)
+from .traced import canon
 
 __all__ = ["Component", "Model", "GalaxyArrays", "DEFAULT_OVERSAMPLE", "pack_arrays"]
 
@@ -616,3 +617,38 @@ def render_model(model: Model, obs: Observation, values: dict | None = None):
     gal = model.pack(obs, values, guess=False)
     gal = jax.tree_util.tree_map(jnp.asarray, gal)
     return np.asarray(model.render(gal.values0, gal))
+
+
+def describe_model(model) -> dict:
+    """Everything about a :class:`Model` that affects a fit, JSON-able.
+
+    Components (name, profile and its parameter declarations and source code, PSF
+    convolution), every parameter entry (initial value, bounds, fixed, log, prior, sharing),
+    likelihood, size unit and pixel-integration settings. Comments and formatting of the
+    recipe file do not matter.
+    """
+    comps = []
+    for c in model.components:
+        prof = model.profiles[c.name]
+        comps.append({"name": c.name, "convolve": c.convolve, "profile": {
+            "name": prof.name, "kind": prof.kind, "convolve": prof.convolve,
+            "params": canon(list(prof.params)), "fn": canon(prof.fn)}})
+    entries = [{"key": e.key, "spec": canon(e.spec), "log": e.log, "static_zero": e.static_zero,
+                "param": {f: canon(getattr(e.param, f)) for f in ("init", "bounds", "fixed", "log", "prior")}}
+               for e in model.entries]
+    slots = {f"{c}.{p}": i for (c, p), i in sorted(model.slots.items())}
+    return {"likelihood": model.likelihood, "size_unit": model.size_unit,
+            "psf_type": getattr(model, "psf_type", None), "core": getattr(model, "core", True),
+            "oversample": [list(o) for o in model.oversample], "components": comps,
+            "entries": entries, "slots": slots}
+
+
+def galbayes_code_only(model) -> bool:
+    """Is everything the model's programs run galbayes' (or numpyro's) own code? Its profiles
+    come from galbayes and its priors (if any) are numpyro distributions; then a traced
+    program can be keyed by galbayes' source (:mod:`galbayes.traced`)."""
+    for c in model.components:
+        if not getattr(model.profiles[c.name].fn, "__module__", "").startswith("galbayes."):
+            return False
+    return all(e.param.prior is None or type(e.param.prior).__module__.startswith("numpyro.")
+               for e in model.entries)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cache
+from . import cache, traced
 from .data import Observation
 from .errors import InputError, ModelError
 from .fitting import (ERROR_METHODS, ErrorEstimate, ErrorRequest, FittedGalaxy, _error_method, _fit_packed,  # noqa: F401
@@ -170,11 +170,11 @@ def fit_catalog(catalog, model: Model, out_dir, *, options: MapOptions | None = 
     batch_size = batch_size or default_batch_size()
     cache.ensure()
     stats = cache.compile_stats()
-    before, t0 = stats.snapshot(), time.perf_counter()
+    before, t0 = {**stats.snapshot(), **traced.totals()}, time.perf_counter()
     table = run_catalog(catalog, model, out_dir, options=opts, batch_size=batch_size,
                         shard_size=shard_size or chunk_size, blocks=blocks, progress=progress,
                         resume=resume, dask=dask, errors=request)
-    after = stats.snapshot()
+    after = {**stats.snapshot(), **traced.totals()}
     timing = {"wall_s": round(time.perf_counter() - t0, 3), "cache_dir": str(cache.cache_dir() or ""),
               **{k: round(after[k] - before[k], 3) for k in after}}
     _write_run_info(out_dir, catalog, model, method, timing)

@@ -80,7 +80,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -103,8 +102,10 @@ from .devices import use_devices
 from .errors import OptionsError, OutputError, ResumeError  # defined there, importable from here as before
 from .fitting import _fit_packed, _input_notes, _load_chunk, _result_row, _write_blocks
 from .inference.map import MapOptions
+from .model import describe_model
 from .results import _fsync_dir, atomic_write, fits_text, make_table
 from .status import fit_failed, input_error, is_clean
+from .traced import canon
 
 __all__ = ["run_catalog", "ResumeError", "OutputError", "RunInterrupted", "EXIT_INTERRUPTED",
            "run_fingerprint", "describe_model", "shard_path", "read_manifest", "MANIFEST_NAME",
@@ -135,65 +136,7 @@ class RunInterrupted(Exception):
 
 
 # ----------------------------------------------------------------------------- fingerprint
-def _canon(obj, depth: int = 0):
-    """A JSON-able, process-independent description of ``obj`` (no memory addresses)."""
-    if depth > 12:
-        return "..."
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return repr(obj)
-    if isinstance(obj, (np.generic,)):
-        return _canon(obj.item(), depth + 1)
-    if isinstance(obj, np.ndarray) or type(obj).__module__.startswith("jax"):
-        try:
-            arr = np.asarray(obj)
-            return {"array": str(arr.dtype), "shape": list(arr.shape),
-                    "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()}
-        except Exception:  # noqa: BLE001  (a jax object that is not an array)
-            pass
-    if isinstance(obj, (list, tuple)):
-        return [_canon(v, depth + 1) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): _canon(v, depth + 1) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-    if callable(obj) and hasattr(obj, "__code__"):
-        try:
-            src = inspect.getsource(obj)
-        except (OSError, TypeError):
-            src = obj.__code__.co_code.hex()
-        return {"function": f"{obj.__module__}.{obj.__qualname__}",
-                "source_sha256": hashlib.sha256(src.encode()).hexdigest()}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {"type": type(obj).__qualname__,
-                "fields": {f.name: _canon(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)}}
-    if hasattr(obj, "__dict__"):
-        state = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
-        return {"type": f"{type(obj).__module__}.{type(obj).__qualname__}", "state": _canon(state, depth + 1)}
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
-
-
-def describe_model(model) -> dict:
-    """Everything about a :class:`~galbayes.model.Model` that affects a fit, JSON-able.
-
-    Components (name, profile and its parameter declarations and source code, PSF
-    convolution), every parameter entry (initial value, bounds, fixed, log, prior, sharing),
-    likelihood, size unit and pixel-integration settings. Comments and formatting of the
-    recipe file do not matter.
-    """
-    comps = []
-    for c in model.components:
-        prof = model.profiles[c.name]
-        comps.append({"name": c.name, "convolve": c.convolve, "profile": {
-            "name": prof.name, "kind": prof.kind, "convolve": prof.convolve,
-            "params": _canon(list(prof.params)), "fn": _canon(prof.fn)}})
-    entries = [{"key": e.key, "spec": _canon(e.spec), "log": e.log, "static_zero": e.static_zero,
-                "param": {f: _canon(getattr(e.param, f)) for f in ("init", "bounds", "fixed", "log", "prior")}}
-               for e in model.entries]
-    slots = {f"{c}.{p}": i for (c, p), i in sorted(model.slots.items())}
-    return {"likelihood": model.likelihood, "size_unit": model.size_unit,
-            "psf_type": getattr(model, "psf_type", None), "core": getattr(model, "core", True),
-            "oversample": [list(o) for o in model.oversample], "components": comps,
-            "entries": entries, "slots": slots}
+_canon = canon   # moved to galbayes.traced (kept under the old name here)
 
 
 def _describe_options(options: MapOptions, *, batch_size, shard_size, blocks, errors) -> dict:

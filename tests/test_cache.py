@@ -59,10 +59,14 @@ def test_second_process_with_another_hash_seed_compiles_nothing(catalog, tmp_pat
     cold = _fit(catalog, tmp_path / "a", xla, seed=1)
     entries = sorted(p.name for p in xla.iterdir() if p.name.endswith("-cache"))
     assert cold["cache_misses"] >= 1 and entries, cold
+    traced = sorted(p.name for p in (xla / "traced").iterdir())
+    assert cold["traced_exported"] >= 1 and traced, cold            # the MAP program, traced once
     warm = _fit(catalog, tmp_path / "b", xla, seed=12345)
     print("\ncold:", cold, "\nwarm:", warm)
     assert warm["cache_misses"] == 0, (cold, warm)
     assert warm["cache_hits"] >= 1, warm
+    assert warm["traced_loaded"] == cold["traced_exported"] and warm["traced_exported"] == 0, warm
+    assert sorted(p.name for p in (xla / "traced").iterdir()) == traced
     # no new entry: the second run asked for exactly the programs of the first
     assert sorted(p.name for p in xla.iterdir() if p.name.endswith("-cache")) == entries
     assert not [p for p in xla.iterdir() if ".tmp-" in p.name]      # atomic writes left nothing

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "galbayes"
 LAYERS = [
     # foundations: no galbayes imports but each other's
     ("base", ["errors", "params", "_sersic_nu_coeffs", "special", "geometry", "likelihood", "status",
-              "cache", "results", "compiled"]),
+              "cache", "traced", "results", "compiled"]),
     ("profiles", ["profiles", "profiles.builtin", "psf"]),
     ("data", ["noise", "data", "initial", "datasets"]),
     ("model", ["model"]),

@@ -52,8 +52,9 @@ from numpyro.infer.util import compute_log_probs, constrain_fn, log_density, unc
 
 from ..compiled import compiled
 from ..errors import OptionsError
-from ..model import GalaxyArrays, Model
+from ..model import GalaxyArrays, Model, describe_model, galbayes_code_only
 from ..params import wrap_angle
+from ..traced import TracedProgram, canon
 
 __all__ = ["MapOptions", "MapResult", "fit_map", "precompile", "OPTIMIZERS", "POLISH_METHODS", "ROUND_ITER"]
 
@@ -719,6 +720,12 @@ class _Rounds:
         self.program, blank = _round_program(model, opts, round_iter, render)
         self.blank = jax.vmap(blank)
         self.jitted = jax.jit(self.program)
+        # a warm process loads the traced program instead of tracing it (galbayes.traced)
+        self.traced = TracedProgram(
+            self.program, self.jitted,
+            {"program": "map_rounds", "model": describe_model(model), "options": canon(opts),
+             "round_iter": int(round_iter), "render": bool(render)},
+            enabled=galbayes_code_only(model))
 
     def zeros(self, gal, key):
         shapes = jax.eval_shape(self.blank, gal, key)
@@ -726,12 +733,12 @@ class _Rounds:
 
     def callable(self):
         def run(*args):
-            slots, out = self.jitted(*args)
+            slots, out = self.traced(*args)
             return slots, (slots.phase, slots.x, slots.n, slots.gn), out
         return run
 
     def lower(self, *args):
-        return self.jitted.lower(*args)
+        return self.traced.lower(*args)
 
 
 def _compiled(model: Model, opts: MapOptions, round_iter: int = ROUND_ITER, render: bool = False) -> _Rounds:
