@@ -102,7 +102,7 @@ def _versions() -> dict:
     from importlib import metadata
 
     out = {}
-    for dist in ("jax", "jaxlib", "numpyro", "optax", "numpy"):
+    for dist in ("jax", "jaxlib", "numpyro", "optax", "numpy", "scipy"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -198,7 +198,9 @@ class TracedProgram:
         import jax
         from jax import export
 
-        key = hashlib.sha256((self.description + "\0" + jax.default_backend() + "\0"
+        config = [jax.default_backend(), jax.config.jax_enable_x64, str(jax.config.jax_default_matmul_precision),
+                  os.environ.get("XLA_FLAGS", "")]
+        key = hashlib.sha256((self.description + "\0" + json.dumps(config) + "\0"
                               + json.dumps(sig)).encode()).hexdigest()[:40]
         blob_path, tree_path = folder / f"{key}.jexp", folder / f"{key}.tree"
         with _lock:
