@@ -44,7 +44,7 @@ def catalog(tmp_path_factory):
 
 
 def _fit(catalog, out, cache_dir, seed):
-    env = dict(os.environ, PYTHONHASHSEED=str(seed))
+    env = dict(os.environ, PYTHONHASHSEED=str(seed), GALBAYES_TRACED="on")   # traced programs too
     env.pop(cache.ENV, None)
     cmd = [sys.executable, "-m", "galbayes", "fit", str(catalog / "catalog.csv"), "--model",
            str(catalog / "model.toml"), "--out", str(out), "--cache-dir", str(cache_dir),

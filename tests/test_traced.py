@@ -75,6 +75,12 @@ def test_fallbacks_trace_as_before(folder, monkeypatch):
     off = traced.TracedProgram(_fn, jax.jit(_fn), {"what": "toy"}, enabled=False)
     off(*_args())
     assert off.stats == {"exported": 0, "loaded": 0, "fallback": 1} and not folder.exists()
+    monkeypatch.undo()
+    monkeypatch.delenv(traced.ENV, raising=False)
+    assert traced.traced_dir() is None                             # off unless GALBAYES_TRACED=on
+    monkeypatch.setenv(traced.ENV, "on")
+    from galbayes import cache
+    assert traced.traced_dir() == (None if cache.cache_dir() is None else cache.cache_dir() / "traced")
     monkeypatch.setattr(traced, "traced_dir", lambda: None)       # compilation cache off
     none = traced.TracedProgram(_fn, jax.jit(_fn), {"what": "toy"})
     none(*_args())
