@@ -51,8 +51,10 @@ import os
 import re
 import sys
 import threading
-import uuid
 from pathlib import Path
+
+from .errors import warn_once
+from .results import atomic_write
 
 __all__ = ["default_cache_dir", "configure", "ensure", "cache_dir", "cache_off_reason", "CompileStats",
            "compile_stats", "ENV"]
@@ -130,13 +132,7 @@ def _atomic_put(self, key: str, value: bytes) -> None:
     path = self.path / f"{key}{_SUFFIX}"
     if path.exists():
         return
-    tmp = self.path / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_bytes(value)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: tmp.write_bytes(value))
 
 
 _SUFFIX = "-cache"
@@ -196,9 +192,9 @@ def configure(path=None, *, enabled: bool = True, export: bool = False):
             reason = cache_off_reason() if folder is not None else None
             if reason is not None:
                 if named:
-                    _warn(f"using the compilation cache in {folder} as asked, but {reason}")
+                    warn_once(f"using the compilation cache in {folder} as asked, but {reason}")
                 else:
-                    _warn(f"the compilation cache is off: {reason}")
+                    warn_once(f"the compilation cache is off: {reason}")
                     folder = None
         if folder is not None:
             try:
@@ -224,19 +220,6 @@ def configure(path=None, *, enabled: bool = True, export: bool = False):
         return folder
 
 
-_warned = set()
-
-
-def _warn(message: str) -> None:
-    """Warn once per process per message."""
-    if message in _warned:
-        return
-    _warned.add(message)
-    import warnings
-
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 def ensure():
     """Configure the default cache once per process (no-op if already configured, or if
     the user configured JAX's cache folder themselves)."""
@@ -248,7 +231,7 @@ def ensure():
     if user_dir:
         reason = cache_off_reason()
         if reason is not None:
-            _warn(f"JAX's compilation cache is set to {user_dir}, but {reason}")
+            warn_once(f"JAX's compilation cache is set to {user_dir}, but {reason}")
         with _lock:
             _state.update(configured=True, dir=Path(user_dir))
         _patch_atomic_writes()

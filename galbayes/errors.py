@@ -12,7 +12,20 @@ derive from :class:`GalbayesError`.
 """
 
 __all__ = ["GalbayesError", "InputError", "ModelError", "OptionsError", "CatalogError", "ResumeError",
-           "OutputError"]
+           "OutputError", "warn_once"]
+
+_warned: set = set()
+
+
+def warn_once(message: str, *, stacklevel: int = 3) -> None:
+    """A ``RuntimeWarning`` with ``message``, once per process per message (a condition the
+    user should know of but that does not stop the work, e.g. a cache left off)."""
+    if message in _warned:
+        return
+    _warned.add(message)
+    import warnings
+
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 class GalbayesError(Exception):

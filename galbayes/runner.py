@@ -136,14 +136,11 @@ class RunInterrupted(Exception):
 
 
 # ----------------------------------------------------------------------------- fingerprint
-_canon = canon   # moved to galbayes.traced (kept under the old name here)
-
-
 def _describe_options(options: MapOptions, *, batch_size, shard_size, blocks, errors) -> dict:
     d = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     d.update(batch_size=int(batch_size), shard_size=int(shard_size), blocks=bool(blocks))
     if errors is not None:
-        d["errors"] = errors if isinstance(errors, (bool, int, float, str)) else _canon(errors)
+        d["errors"] = errors if isinstance(errors, (bool, int, float, str)) else canon(errors)
     return d
 
 

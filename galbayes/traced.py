@@ -29,17 +29,17 @@ import os
 import pickle
 import re
 import threading
-import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
+
+from .errors import warn_once
+from .results import atomic_write
 
 __all__ = ["TracedProgram", "canon", "source_digest", "traced_dir", "totals"]
 
 FORMAT = 1
 _lock = threading.Lock()
-_warned: set = set()
 _totals = {"traced_exported": 0, "traced_loaded": 0}
 
 
@@ -129,22 +129,6 @@ def traced_dir():
     return None if folder is None else Path(folder) / "traced"
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 class TracedProgram:
     """``jitted`` (a ``jax.jit`` of ``fn``), with its traced program kept on disk per shape.
 
@@ -154,9 +138,10 @@ class TracedProgram:
         The pure function (what ``jitted`` jits).
     jitted : callable
         ``jax.jit(fn)``: used for calls that cannot go through a stored program.
-    description : JSON-able
-        Everything besides galbayes' source, the library versions and the arguments that the
-        trace of ``fn`` depends on (for the MAP rounds: the model and the options).
+    description : callable
+        ``description()`` returns (JSON-able) everything besides galbayes' source, the library
+        versions and the arguments that the trace of ``fn`` depends on (for the MAP rounds: the
+        model and the options); called only when a stored program is first used.
     enabled : bool
         False: always ``jitted`` (e.g. a model with a user's profile).
 
@@ -166,8 +151,8 @@ class TracedProgram:
 
     def __init__(self, fn, jitted, description, *, enabled: bool = True):
         self.fn, self.jitted, self.enabled = fn, jitted, bool(enabled)
-        self.description = json.dumps({"format": FORMAT, "caller": description, "galbayes": source_digest(),
-                                       "versions": _versions()}, sort_keys=True)
+        self._describe = description
+        self._key_text = None
         self._by_shape: dict = {}
         self.stats = {"exported": 0, "loaded": 0, "fallback": 0}
 
@@ -200,7 +185,7 @@ class TracedProgram:
             try:
                 self._by_shape[sig] = self._program(folder, sig, leaves, in_tree)
             except Exception as exc:  # noqa: BLE001  (any failure: trace as before)
-                _warn_once(f"galbayes could not use a stored traced program ({type(exc).__name__}: {exc}); "
+                warn_once(f"galbayes could not use a stored traced program ({type(exc).__name__}: {exc}); "
                            "tracing instead")
                 self._by_shape[sig] = None
         return leaves, self._by_shape[sig]
@@ -211,7 +196,10 @@ class TracedProgram:
 
         config = [jax.default_backend(), jax.config.jax_enable_x64, str(jax.config.jax_default_matmul_precision),
                   os.environ.get("XLA_FLAGS", "")]
-        key = hashlib.sha256((self.description + "\0" + json.dumps(config) + "\0"
+        if self._key_text is None:
+            self._key_text = json.dumps({"format": FORMAT, "caller": self._describe(), "galbayes": source_digest(),
+                                         "versions": _versions()}, sort_keys=True)
+        key = hashlib.sha256((self._key_text + "\0" + json.dumps(config) + "\0"
                               + json.dumps(sig)).encode()).hexdigest()[:40]
         blob_path, tree_path = folder / f"{key}.jexp", folder / f"{key}.tree"
         with _lock:
@@ -233,9 +221,9 @@ class TracedProgram:
                 exported = export.export(jax.jit(flat))(*avals)
                 out_tree = structure["tree"]
                 skeleton = jax.tree_util.tree_unflatten(out_tree, [0] * out_tree.num_leaves)
-                folder.mkdir(parents=True, exist_ok=True)
-                _atomic_write(tree_path, pickle.dumps(skeleton))
-                _atomic_write(blob_path, bytes(exported.serialize()))
+                tree, blob = pickle.dumps(skeleton), bytes(exported.serialize())
+                atomic_write(tree_path, lambda tmp: tmp.write_bytes(tree))
+                atomic_write(blob_path, lambda tmp: tmp.write_bytes(blob))
                 self.stats["exported"] += 1
                 _totals["traced_exported"] += 1
         return jax.jit(exported.call), out_tree

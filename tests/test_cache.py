@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from galbayes import cache
+from galbayes import cache, errors
 
 MODEL_TOML = 'oversample = []\n\n[components.g]\nprofile = "gaussian"\n'
 
@@ -109,7 +109,7 @@ def test_cache_is_off_by_default_where_jaxlib_crashes_loading_it(tmp_path, monke
 
     saved_state, saved_dir = dict(cache._state), jax.config.jax_compilation_cache_dir
     monkeypatch.setattr(cache, "cache_off_reason", lambda **kw: "jaxlib 0.0 crashes (test)")
-    monkeypatch.setattr(cache, "_warned", set())
+    monkeypatch.setattr(errors, "_warned", set())
     monkeypatch.delenv(cache.ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
     try:

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "galbayes"
 LAYERS = [
     # foundations: no galbayes imports but each other's
     ("base", ["errors", "params", "_sersic_nu_coeffs", "special", "geometry", "likelihood", "status",
-              "cache", "traced", "results", "compiled"]),
+              "results", "cache", "traced", "compiled"]),
     ("profiles", ["profiles", "profiles.builtin", "psf"]),
     ("data", ["noise", "data", "initial", "datasets"]),
     ("model", ["model"]),

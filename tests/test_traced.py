@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from galbayes import traced
+from galbayes import errors, traced
 from galbayes.model import galbayes_code_only
 from galbayes.recipe import load_recipe
 
@@ -40,13 +40,13 @@ def _tree_equal(a, b):
 
 
 def test_second_program_object_loads_what_the_first_exported(folder):
-    first = traced.TracedProgram(_fn, jax.jit(_fn), {"what": "toy"})
+    first = traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy"})
     ref = jax.jit(_fn)(*_args())
     assert _tree_equal(first(*_args()), ref)
     assert first.stats == {"exported": 1, "loaded": 0, "fallback": 0}
     assert len(list(folder.glob("*.jexp"))) == 1 and len(list(folder.glob("*.tree"))) == 1
     assert not list(folder.glob(".*tmp*"))                         # written atomically
-    second = traced.TracedProgram(_fn, jax.jit(_fn), {"what": "toy"})   # as a new process would
+    second = traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy"})   # as a new process would
     assert _tree_equal(second(*_args()), ref)
     assert second.stats == {"exported": 0, "loaded": 1, "fallback": 0}
     second(*_args())                                               # same shapes: in memory now
@@ -56,11 +56,11 @@ def test_second_program_object_loads_what_the_first_exported(folder):
 
 
 def test_key_separates_description_shapes_and_dtypes(folder):
-    traced.TracedProgram(_fn, jax.jit(_fn), {"what": "toy"})(*_args())
-    other = traced.TracedProgram(_fn, jax.jit(_fn), {"what": "toy", "options": 2})
+    traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy"})(*_args())
+    other = traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy", "options": 2})
     other(*_args())
     assert other.stats["exported"] == 1                            # another description: not reused
-    same = traced.TracedProgram(_fn, jax.jit(_fn), {"what": "toy"})
+    same = traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy"})
     same(*_args(7))                                                # another shape
     x, y = _args()
     same(x.astype(np.float64) if jax.config.jax_enable_x64 else x.astype(np.int32), y)   # another dtype
@@ -69,10 +69,10 @@ def test_key_separates_description_shapes_and_dtypes(folder):
 
 
 def test_fallbacks_trace_as_before(folder, monkeypatch):
-    prog = traced.TracedProgram(_fn, jax.jit(_fn), {"what": "toy"})
+    prog = traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy"})
     out = jax.jit(lambda x, y: prog(x, y))(*_args())               # tracers: the plain jitted function
     assert _tree_equal(out, jax.jit(_fn)(*_args())) and prog.stats["fallback"] == 1
-    off = traced.TracedProgram(_fn, jax.jit(_fn), {"what": "toy"}, enabled=False)
+    off = traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy"}, enabled=False)
     off(*_args())
     assert off.stats == {"exported": 0, "loaded": 0, "fallback": 1} and not folder.exists()
     monkeypatch.undo()
@@ -82,26 +82,26 @@ def test_fallbacks_trace_as_before(folder, monkeypatch):
     from galbayes import cache
     assert traced.traced_dir() == (None if cache.cache_dir() is None else cache.cache_dir() / "traced")
     monkeypatch.setattr(traced, "traced_dir", lambda: None)       # compilation cache off
-    none = traced.TracedProgram(_fn, jax.jit(_fn), {"what": "toy"})
+    none = traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy"})
     none(*_args())
     assert none.stats["fallback"] == 1
 
 
 def test_unreadable_stored_program_warns_and_traces(folder):
-    traced.TracedProgram(_fn, jax.jit(_fn), {"what": "toy"})(*_args())
+    traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy"})(*_args())
     for p in folder.glob("*.jexp"):
         p.write_bytes(b"not a program")
-    prog = traced.TracedProgram(_fn, jax.jit(_fn), {"what": "toy"})
-    monkey = traced._warned.copy()
-    traced._warned.clear()
+    prog = traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy"})
+    monkey = errors._warned.copy()
+    errors._warned.clear()
     try:
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             out = prog(*_args())
         assert any("tracing instead" in str(x.message) for x in w)
     finally:
-        traced._warned.clear()
-        traced._warned.update(monkey)
+        errors._warned.clear()
+        errors._warned.update(monkey)
     assert _tree_equal(out, jax.jit(_fn)(*_args())) and prog.stats["fallback"] == 1
 
 

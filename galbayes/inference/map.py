@@ -723,8 +723,8 @@ class _Rounds:
         # a warm process loads the traced program instead of tracing it (galbayes.traced)
         self.traced = TracedProgram(
             self.program, self.jitted,
-            {"program": "map_rounds", "model": describe_model(model), "options": canon(opts),
-             "round_iter": int(round_iter), "render": bool(render)},
+            lambda: {"program": "map_rounds", "model": describe_model(model), "options": canon(opts),
+                     "round_iter": int(round_iter), "render": bool(render)},
             enabled=galbayes_code_only(model))
 
     def zeros(self, gal, key):
