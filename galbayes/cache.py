@@ -57,7 +57,7 @@ from .errors import warn_once
 from .results import atomic_write
 
 __all__ = ["default_cache_dir", "configure", "ensure", "cache_dir", "cache_off_reason", "CompileStats",
-           "compile_stats", "ENV"]
+           "compile_stats", "compile_uncached", "ENV"]
 
 #: Environment variable: the cache folder, or ``off`` / ``none`` / ``0`` / empty to disable.
 ENV = "GALBAYES_CACHE_DIR"
@@ -242,6 +242,29 @@ def ensure():
 def cache_dir():
     """The cache folder in use (None if off or not configured yet)."""
     return _state["dir"]
+
+
+def compile_uncached(lowered):
+    """``lowered.compile()`` with the persistent cache bypassed for this one program.
+
+    An executable that JAX took from the persistent cache serializes without its kernels
+    (jaxlib 0.10.1: loading that copy fails with "Function ... not found"), so a program that
+    is to be stored (:mod:`galbayes.traced`) must be compiled for real.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    with _lock:
+        folder = jax.config.jax_compilation_cache_dir
+        if not folder:
+            return lowered.compile()
+        jax.config.update("jax_compilation_cache_dir", None)
+        cc.reset_cache()
+        try:
+            return lowered.compile()
+        finally:
+            jax.config.update("jax_compilation_cache_dir", folder)
+            cc.reset_cache()
 
 
 class CompileStats:

@@ -1,23 +1,33 @@
-"""Traced programs kept on disk, so that a warm process skips Python tracing (opt-in:
-``GALBAYES_TRACED=on``; see :data:`ENV` for why it is off by default).
+"""Compiled programs kept on disk, so that a warm process neither traces nor compiles them
+(on by default where the compilation cache is; ``GALBAYES_TRACED=off`` turns it off).
 
 The persistent XLA cache (:mod:`galbayes.cache`) keeps *compiled* programs, but JAX keys it on
 the traced program, so every new process still traces galbayes' model in Python first: numpyro
-SVI, the LM polish and the renderer, ~5 s per program and most of a warm ``galbayes fit``'s
+SVI, the LM polish and the renderer, ~10 s per MAP program and most of a warm ``galbayes fit``'s
 fixed cost. :class:`TracedProgram` wraps a jitted function so that the first call with new
-argument shapes exports the traced program (:mod:`jax.export`, StableHLO) into
-``<cache folder>/traced/``; later processes deserialize it (milliseconds), and its compilation
-is then a hit in the XLA cache.
+argument shapes compiles it and stores the executable
+(:func:`jax.experimental.serialize_executable.serialize`) in ``<cache folder>/traced/``, as
+``<key>.xexe`` plus ``<key>.trees`` (the argument and result tree structures); later processes
+load it (a fraction of a second) and run it directly. (Storing the traced StableHLO with
+:mod:`jax.export` instead was tried first: XLA compiled the exported program about twice as
+slowly as the jitted one, which made cold runs slower; see benchmarks/README.md.)
 
-What a stored program may be reused for is decided by a key that holds everything the trace
-depends on: the caller's description (model, options; see :func:`canon`), the SHA-256 of
-galbayes' own source files, the versions of JAX, jaxlib, numpyro, optax and numpy, the backend
-and the shapes, dtypes and tree structure of the arguments. Callers only use it for models made
-of galbayes' own profiles (a user's profile may call code whose changes no key can see); they
-trace as before otherwise. Arguments that are JAX tracers (a call inside another trace, e.g.
-the per-device program under :func:`galbayes.devices.data_parallel`), a cache that is off, or
-any error while exporting or loading all fall back to the plain jitted function (an error
-with a warning, once); nothing is ever half-written (files are renamed into place).
+What a stored program may be reused for is decided by a key that holds everything the trace and
+the machine code depend on: the caller's description (model, options; see :func:`canon`), the
+SHA-256 of galbayes' own source files, the versions of JAX, jaxlib, numpyro, optax, numpy and
+scipy, the backend and device kinds, x64 and matmul precision, ``XLA_FLAGS``, the CPU
+(:func:`host_signature`: a cache folder shared between cluster nodes must not hand one CPU's
+code to another) and the shapes, dtypes and tree structure of the arguments. Callers only use it
+for models made of galbayes' own profiles (a user's profile may call code whose changes no key
+can see); they trace as before otherwise. Arguments that are JAX tracers (a call inside another
+trace, e.g. the per-device program under :func:`galbayes.devices.data_parallel`), a cache that
+is off or unsafe (:func:`galbayes.cache.cache_off_reason`), or any error while storing or
+loading all fall back to the plain jitted function (an error with a warning, once); nothing is
+ever half-written (files are renamed into place). Two jaxlib 0.10.1 details are handled here
+and in :func:`galbayes.cache.compile_uncached`: LAPACK's function table is filled before a
+program is loaded (it is otherwise filled lazily by lowering, and a loaded program would call a
+null pointer), and a program to be stored is compiled past the XLA cache (an executable taken
+from that cache serializes without its kernels). See docs/known-issues.md.
 """
 from __future__ import annotations
 
@@ -36,15 +46,15 @@ import numpy as np
 from .errors import warn_once
 from .results import atomic_write
 
-__all__ = ["TracedProgram", "canon", "source_digest", "traced_dir", "totals"]
+__all__ = ["TracedProgram", "canon", "host_signature", "source_digest", "traced_dir", "totals"]
 
-FORMAT = 1
+FORMAT = 2
 _lock = threading.Lock()
-_totals = {"traced_exported": 0, "traced_loaded": 0}
+_totals = {"traced_stored": 0, "traced_loaded": 0}
 
 
 def totals() -> dict:
-    """Programs exported (traced and written) and loaded from disk so far in this process."""
+    """Programs stored (traced, compiled and written) and loaded from disk so far in this process."""
     return dict(_totals)
 
 
@@ -111,26 +121,67 @@ def _versions() -> dict:
     return out
 
 
-#: Environment variable: ``on`` (or ``1``, ``yes``, ``true``) stores and loads traced programs.
-#: Off by default: measured with jaxlib 0.10.1 on 128 galaxies (benchmarks/README.md), a warm
-#: run is 15 % faster (tracing 17 s -> 4 s) but XLA compiles the exported program ~2x slower
-#: than the directly traced one, so a cold run takes 40 s longer.
+#: Environment variable: ``off`` (or ``0``, ``no``, ``false``) neither stores nor loads
+#: compiled programs (every process traces its programs, the XLA cache still compiles nothing
+#: twice). On by default.
 ENV = "GALBAYES_TRACED"
 
 
 def traced_dir():
-    """Where traced programs go: ``<compilation cache folder>/traced`` (None unless
-    ``GALBAYES_TRACED=on``, or if the compilation cache is off)."""
+    """Where compiled programs go: ``<compilation cache folder>/traced`` (None with
+    ``GALBAYES_TRACED=off``, if the compilation cache is off, or where loading stored
+    executables is unsafe: :func:`galbayes.cache.cache_off_reason`)."""
     from . import cache
 
-    if os.environ.get(ENV, "").strip().lower() not in ("on", "1", "yes", "true"):
+    if os.environ.get(ENV, "").strip().lower() in ("off", "0", "no", "false"):
         return None
     folder = cache.cache_dir()
-    return None if folder is None else Path(folder) / "traced"
+    if folder is None or cache.cache_off_reason() is not None:
+        return None
+    return Path(folder) / "traced"
+
+
+def host_signature() -> str:
+    """The CPU this process runs on (model name and instruction-set flags): a stored
+    executable is machine code for one CPU, so a cache folder shared between machines (a
+    home directory on a cluster) must not hand it to another."""
+    import platform
+
+    text = platform.machine() + "\0" + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            seen = set()
+            for line in fh:
+                name = line.split(":", 1)[0].strip()
+                if name in ("model name", "flags", "Features", "CPU part", "vendor_id") and name not in seen:
+                    seen.add(name)
+                    text += "\0" + line.strip()
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _prepare_custom_calls():
+    """Fill jaxlib's LAPACK function table, as lowering a linear-algebra op does: a program
+    loaded without being lowered in this process calls LAPACK through it (jaxlib 0.10.1: a
+    null pointer and SIGSEGV at the first ``getrf`` otherwise)."""
+    from jax._src.lib import lapack
+
+    lapack._lapack.initialize()
+
+
+class _Ready:
+    """What :meth:`TracedProgram.lower` returns for a program already compiled or loaded."""
+
+    def __init__(self, compiled):
+        self._compiled = compiled
+
+    def compile(self):
+        return self._compiled
 
 
 class TracedProgram:
-    """``jitted`` (a ``jax.jit`` of ``fn``), with its traced program kept on disk per shape.
+    """``jitted`` (a ``jax.jit`` of ``fn``), with its compiled program kept on disk per shape.
 
     Parameters
     ----------
@@ -145,7 +196,7 @@ class TracedProgram:
     enabled : bool
         False: always ``jitted`` (e.g. a model with a user's profile).
 
-    ``stats`` counts ``exported`` (traced and written), ``loaded`` (read from disk) and
+    ``stats`` counts ``stored`` (traced, compiled and written), ``loaded`` (read from disk) and
     ``fallback`` calls.
     """
 
@@ -154,76 +205,77 @@ class TracedProgram:
         self._describe = description
         self._key_text = None
         self._by_shape: dict = {}
-        self.stats = {"exported": 0, "loaded": 0, "fallback": 0}
+        self.stats = {"stored": 0, "loaded": 0, "fallback": 0}
 
     def __call__(self, *args):
-        import jax
-
-        leaves, entry = self._entry(args)
-        if entry is None:
+        compiled = self._entry(args)
+        if compiled is None:
             self.stats["fallback"] += 1
             return self.jitted(*args)
-        call, out_tree = entry
-        return jax.tree_util.tree_unflatten(out_tree, call(*leaves))
+        return compiled(*args)
 
     def lower(self, *args):
         """The lowered program a call with ``args`` runs (``.compile()`` it to compile ahead)."""
-        leaves, entry = self._entry(args)
-        return self.jitted.lower(*args) if entry is None else entry[0].lower(*leaves)
+        compiled = self._entry(args)
+        return self.jitted.lower(*args) if compiled is None else _Ready(compiled)
 
     def _entry(self, args):
-        """(flat arguments, (jitted exported call, output tree) or None to use ``jitted``)."""
+        """The compiled program for ``args`` (a ``jax.stages.Compiled``), or None to use ``jitted``."""
         import jax
 
         leaves, in_tree = jax.tree_util.tree_flatten(args)
         folder = traced_dir() if self.enabled else None
         if folder is None or any(isinstance(x, jax.core.Tracer) for x in leaves):
-            return leaves, None
+            return None
         sig = (str(in_tree), tuple((tuple(np.shape(x)), str(x.dtype) if hasattr(x, "dtype")
                                     else str(np.asarray(x).dtype)) for x in leaves))
         if sig not in self._by_shape:
             try:
-                self._by_shape[sig] = self._program(folder, sig, leaves, in_tree)
+                self._by_shape[sig] = self._program(folder, sig, args)
             except Exception as exc:  # noqa: BLE001  (any failure: trace as before)
-                warn_once(f"galbayes could not use a stored traced program ({type(exc).__name__}: {exc}); "
-                           "tracing instead")
+                warn_once(f"galbayes could not use a stored compiled program ({type(exc).__name__}: {exc}); "
+                          "tracing instead")
                 self._by_shape[sig] = None
-        return leaves, self._by_shape[sig]
+        return self._by_shape[sig]
 
-    def _program(self, folder: Path, sig, leaves, in_tree):
+    def _key(self, sig) -> str:
         import jax
-        from jax import export
 
-        config = [jax.default_backend(), jax.config.jax_enable_x64, str(jax.config.jax_default_matmul_precision),
-                  os.environ.get("XLA_FLAGS", "")]
+        config = [jax.default_backend(), [str(d.device_kind) for d in jax.local_devices()],
+                  jax.config.jax_enable_x64, str(jax.config.jax_default_matmul_precision),
+                  os.environ.get("XLA_FLAGS", ""), host_signature()]
         if self._key_text is None:
             self._key_text = json.dumps({"format": FORMAT, "caller": self._describe(), "galbayes": source_digest(),
                                          "versions": _versions()}, sort_keys=True)
-        key = hashlib.sha256((self._key_text + "\0" + json.dumps(config) + "\0"
-                              + json.dumps(sig)).encode()).hexdigest()[:40]
-        blob_path, tree_path = folder / f"{key}.jexp", folder / f"{key}.tree"
+        return hashlib.sha256((self._key_text + "\0" + json.dumps(config) + "\0"
+                               + json.dumps(sig)).encode()).hexdigest()[:40]
+
+    def _program(self, folder: Path, sig, args):
+        import jax
+        from jax.experimental import serialize_executable as se
+
+        from . import cache
+
+        key = self._key(sig)
+        blob_path, tree_path = folder / f"{key}.xexe", folder / f"{key}.trees"
         with _lock:
             if blob_path.is_file() and tree_path.is_file():
-                exported = export.deserialize(bytearray(blob_path.read_bytes()))
-                out_tree = jax.tree_util.tree_structure(pickle.loads(tree_path.read_bytes()))
+                _prepare_custom_calls()
+                in_skel, out_skel = pickle.loads(tree_path.read_bytes())
+                compiled = se.deserialize_and_load(blob_path.read_bytes(), jax.tree_util.tree_structure(in_skel),
+                                                   jax.tree_util.tree_structure(out_skel))
                 self.stats["loaded"] += 1
                 _totals["traced_loaded"] += 1
-            else:
-                structure = {}
-
-                def flat(*xs):
-                    out = self.fn(*jax.tree_util.tree_unflatten(in_tree, xs))
-                    out_leaves, structure["tree"] = jax.tree_util.tree_flatten(out)
-                    return out_leaves
-
-                avals = [jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
-                         for x in leaves]
-                exported = export.export(jax.jit(flat))(*avals)
-                out_tree = structure["tree"]
-                skeleton = jax.tree_util.tree_unflatten(out_tree, [0] * out_tree.num_leaves)
-                tree, blob = pickle.dumps(skeleton), bytes(exported.serialize())
-                atomic_write(tree_path, lambda tmp: tmp.write_bytes(tree))
-                atomic_write(blob_path, lambda tmp: tmp.write_bytes(blob))
-                self.stats["exported"] += 1
-                _totals["traced_exported"] += 1
-        return jax.jit(exported.call), out_tree
+                return compiled
+            compiled = cache.compile_uncached(self.jitted.lower(*args))
+            try:
+                blob, in_tree, out_tree = se.serialize(compiled)
+                trees = pickle.dumps(tuple(t.unflatten([0] * t.num_leaves) for t in (in_tree, out_tree)))
+            except Exception as exc:  # noqa: BLE001  (not serializable: use it, keep nothing)
+                warn_once(f"galbayes could not store a compiled program ({type(exc).__name__}: {exc})")
+                return compiled
+            atomic_write(tree_path, lambda tmp: tmp.write_bytes(trees))
+            atomic_write(blob_path, lambda tmp: tmp.write_bytes(blob))
+            self.stats["stored"] += 1
+            _totals["traced_stored"] += 1
+            return compiled

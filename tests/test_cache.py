@@ -44,7 +44,8 @@ def catalog(tmp_path_factory):
 
 
 def _fit(catalog, out, cache_dir, seed):
-    env = dict(os.environ, PYTHONHASHSEED=str(seed), GALBAYES_TRACED="on")   # traced programs too
+    env = dict(os.environ, PYTHONHASHSEED=str(seed))
+    env.pop("GALBAYES_TRACED", None)                 # stored programs: on by default
     env.pop(cache.ENV, None)
     cmd = [sys.executable, "-m", "galbayes", "fit", str(catalog / "catalog.csv"), "--model",
            str(catalog / "model.toml"), "--out", str(out), "--cache-dir", str(cache_dir),
@@ -60,12 +61,12 @@ def test_second_process_with_another_hash_seed_compiles_nothing(catalog, tmp_pat
     entries = sorted(p.name for p in xla.iterdir() if p.name.endswith("-cache"))
     assert cold["cache_misses"] >= 1 and entries, cold
     traced = sorted(p.name for p in (xla / "traced").iterdir())
-    assert cold["traced_exported"] >= 1 and traced, cold            # the MAP program, traced once
+    assert cold["traced_stored"] >= 1 and traced, cold            # the MAP program, traced once
     warm = _fit(catalog, tmp_path / "b", xla, seed=12345)
     print("\ncold:", cold, "\nwarm:", warm)
     assert warm["cache_misses"] == 0, (cold, warm)
     assert warm["cache_hits"] >= 1, warm
-    assert warm["traced_loaded"] == cold["traced_exported"] and warm["traced_exported"] == 0, warm
+    assert warm["traced_loaded"] == cold["traced_stored"] and warm["traced_stored"] == 0, warm
     assert sorted(p.name for p in (xla / "traced").iterdir()) == traced
     # no new entry: the second run asked for exactly the programs of the first
     assert sorted(p.name for p in xla.iterdir() if p.name.endswith("-cache")) == entries
