@@ -227,8 +227,7 @@ class TracedProgram:
         folder = traced_dir() if self.enabled else None
         if folder is None or any(isinstance(x, jax.core.Tracer) for x in leaves):
             return None
-        sig = (str(in_tree), tuple((tuple(np.shape(x)), str(x.dtype) if hasattr(x, "dtype")
-                                    else str(np.asarray(x).dtype)) for x in leaves))
+        sig = self._signature(leaves, in_tree)
         if sig not in self._by_shape:
             try:
                 self._by_shape[sig] = self._program(folder, sig, args)
@@ -237,6 +236,48 @@ class TracedProgram:
                           "tracing instead")
                 self._by_shape[sig] = None
         return self._by_shape[sig]
+
+    def eval_shape(self, name: str, fn, *args):
+        """``jax.eval_shape(fn, *args)``, kept on disk beside the program (``<key>.shapes``).
+
+        For a function whose result shapes depend on nothing but what the program's key holds
+        (the MAP rounds' initial slots: tracing numpyro's SVI start just for its shapes costs
+        seconds). Falls back to ``jax.eval_shape`` wherever the program itself would.
+        """
+        import jax
+
+        leaves, in_tree = jax.tree_util.tree_flatten(args)
+        folder = traced_dir() if self.enabled else None
+        if folder is None or any(isinstance(x, jax.core.Tracer) for x in leaves):
+            return jax.eval_shape(fn, *args)
+        sig = ("eval_shape", name, self._signature(leaves, in_tree))
+        if sig not in self._by_shape:
+            try:
+                self._by_shape[sig] = self._shapes(folder, sig, fn, args)
+            except Exception as exc:  # noqa: BLE001  (any failure: trace as before)
+                warn_once(f"galbayes could not use stored shapes ({type(exc).__name__}: {exc}); tracing instead")
+                self._by_shape[sig] = jax.eval_shape(fn, *args)
+        return self._by_shape[sig]
+
+    def _shapes(self, folder: Path, sig, fn, args):
+        import jax
+
+        path = folder / f"{self._key(sig)}.shapes"
+        if path.is_file():
+            skeleton, leaves = pickle.loads(path.read_bytes())
+            tree = jax.tree_util.tree_structure(skeleton)
+            return tree.unflatten([jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype)) for shape, dtype in leaves])
+        out = jax.eval_shape(fn, *args)
+        leaves, tree = jax.tree_util.tree_flatten(out)
+        blob = pickle.dumps((tree.unflatten([0] * tree.num_leaves),
+                             [(tuple(x.shape), str(np.dtype(x.dtype))) for x in leaves]))
+        atomic_write(path, lambda tmp: tmp.write_bytes(blob))
+        return out
+
+    @staticmethod
+    def _signature(leaves, in_tree):
+        return (str(in_tree), tuple((tuple(np.shape(x)), str(x.dtype) if hasattr(x, "dtype")
+                                     else str(np.asarray(x).dtype)) for x in leaves))
 
     def _key(self, sig) -> str:
         import jax

@@ -111,3 +111,46 @@ def test_choice_lists_are_the_package_constants():
     assert choices("fit", "--psf-type") == tuple(PSF_TYPES)
     assert choices("fit", "--polish") == choices("demo", "--polish") == tuple(POLISH_METHODS)
     assert choices("fit", "--optimizer") == tuple(sorted(OPTIMIZERS))
+
+
+_NOISY = r'''
+import faulthandler, os, signal, sys
+from galbayes.cli import _filter_jaxlib_noise
+sys.argv = ["galbayes"] + sys.argv[1:]
+_filter_jaxlib_noise()
+faulthandler.enable()
+head = b"E1202 11:23:46.352954   10146 cpu_aot_loader.cc:195] Loading XLA:CPU AOT result. Target machine feature "
+os.write(2, head + b"+prefer-no-gather is not  supported on the host machine. Compile machine features: [...]\n")
+os.write(2, b"progress 50%\r")                                  # no newline: passed on at once
+os.write(2, head + b"+avx512f is not  supported on the host machine. This could lead to SIGILL.\n")
+os.write(2, head[:40])                                            # a log line in two writes
+os.write(2, head[40:] + b"+prefer-no-scatter is not  supported on the host machine.\n")
+print("a real message", file=sys.stderr)
+if "crash" in sys.argv:
+    os.kill(os.getpid(), signal.SIGSEGV)
+'''
+
+
+@pytest.mark.parametrize("how", ["exit", "crash", "--debug"])
+def test_stderr_filter_drops_only_jaxlib_false_alarms(tmp_path, how):
+    """``galbayes`` drops jaxlib 0.10.1's '+prefer-no-gather is not supported' lines (logged on
+    every program load), keeps every other line (a real CPU mismatch included), and a crash's
+    faulthandler traceback still gets through; ``--debug`` filters nothing."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "noisy.py"
+    script.write_text(_NOISY)
+    env = {k: v for k, v in os.environ.items() if k != "GALBAYES_RAW_STDERR"}
+    proc = subprocess.run([sys.executable, str(script), how], capture_output=True, env=env, timeout=120)
+    err = proc.stderr.decode()
+    assert "a real message" in err and "progress 50%" in err and "+avx512f is not" in err, err
+    if how == "--debug":
+        assert err.count("+prefer-") == 2, err
+    else:
+        assert "+prefer-" not in err, err
+    if how == "crash":
+        assert proc.returncode != 0 and "Fatal Python error" in err, err
+    else:
+        assert proc.returncode == 0, err

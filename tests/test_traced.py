@@ -155,3 +155,27 @@ def test_program_that_hit_the_xla_cache_is_stored_whole(tmp_path):
     assert len(list((tmp_path / "xla" / "traced").glob("*.xexe"))) == 1
     a, b, c = (np.load(tmp_path / f"{m}.npy") for m in ("plain", "store", "load"))
     assert np.array_equal(a, b) and np.array_equal(a, c)
+
+
+def test_result_shapes_kept_beside_the_program(folder):
+    """``eval_shape`` of a function (the MAP rounds' initial slots) is read back by a later
+    program object without tracing the function; another argument shape is not reused."""
+    calls = []
+
+    def make():                                                    # a new function: no trace cache
+        def blank(x, y):
+            calls.append(1)
+            return {"s": jnp.zeros((x.shape[0], 2), jnp.float32), "k": (y["k"].astype(jnp.int32), None)}
+        return blank
+
+    first = traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy"})
+    ref = jax.eval_shape(make(), *_args())
+    assert first.eval_shape("blank", make(), *_args()) == ref and len(calls) == 2
+    assert len(list(folder.glob("*.shapes"))) == 1
+    second = traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy"})
+    got = second.eval_shape("blank", make(), *_args())
+    assert got == ref and len(calls) == 2                          # read back, not traced
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(ref)
+    assert second.eval_shape("blank", make(), *_args(7))["s"].shape == (7, 2) and len(calls) == 3
+    off = traced.TracedProgram(_fn, jax.jit(_fn), lambda: {"what": "toy"}, enabled=False)
+    assert off.eval_shape("blank", make(), *_args()) == ref and len(calls) == 4

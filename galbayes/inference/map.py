@@ -728,7 +728,7 @@ class _Rounds:
             enabled=galbayes_code_only(model))
 
     def zeros(self, gal, key):
-        shapes = jax.eval_shape(self.blank, gal, key)
+        shapes = self.traced.eval_shape("blank", self.blank, gal, key)   # stored with the program
         return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
     def callable(self):
@@ -781,7 +781,7 @@ def _run_rounds(model: Model, opts: MapOptions, batch: GalaxyArrays, keys, n_slo
     gn_all = np.full((n, S, S), np.nan, np.float32)
 
     def run_stage(stage):
-        nonlocal slots, data, key_slots
+        nonlocal slots, data
         waiting = list(range(n - 1, -1, -1))
         owner = np.full(B, -1)
         start = np.full(B, 2, np.int32)
@@ -857,8 +857,7 @@ def precompile(model: Model, batch: GalaxyArrays, *, options: MapOptions | None 
     idx = np.minimum(np.arange(B), n - 1)
     data = jax.tree_util.tree_map(lambda a: a[idx], batch)
     keys = np.asarray(jax.random.split(jax.random.PRNGKey(opts.seed), B))
-    shapes = jax.eval_shape(rounds.blank, data, keys)
-    slot0 = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    slot0 = rounds.zeros(data, keys)
     S = model.n_free
     t0 = time.perf_counter()
     rounds.lower(slot0, data, np.zeros(B, np.int32), np.zeros((B, S), np.float32), np.zeros((B, 3), np.int32),
