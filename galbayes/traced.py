@@ -19,9 +19,10 @@ scipy, the backend and device kinds, x64 and matmul precision, ``XLA_FLAGS``, th
 (:func:`host_signature`: a cache folder shared between cluster nodes must not hand one CPU's
 code to another) and the shapes, dtypes and tree structure of the arguments. Callers only use it
 for models made of galbayes' own profiles (a user's profile may call code whose changes no key
-can see); they trace as before otherwise. Arguments that are JAX tracers (a call inside another
-trace, e.g. the per-device program under :func:`galbayes.devices.data_parallel`), a cache that
-is off or unsafe (:func:`galbayes.cache.cache_off_reason`), or any error while storing or
+can see), and not under a mesh of several devices (a loaded executable is bound to one
+device; :func:`galbayes.devices.data_parallel` runs a program per device); they trace as before
+otherwise. Arguments that are JAX tracers (a call inside another trace), a cache that is off or
+unsafe (:func:`galbayes.cache.cache_off_reason`), or any error while storing or
 loading all fall back to the plain jitted function (an error with a warning, once); nothing is
 ever half-written (files are renamed into place). Two jaxlib 0.10.1 details are handled here
 and in :func:`galbayes.cache.compile_uncached`: LAPACK's function table is filled before a

@@ -727,18 +727,31 @@ class _Rounds:
                      "round_iter": int(round_iter), "render": bool(render)},
             enabled=galbayes_code_only(model))
 
+    def _program(self):
+        """The stored program (galbayes.traced), or the plain jitted one under a mesh of
+        several devices: there each device runs the program on its own block
+        (:func:`galbayes.devices.data_parallel`), and a loaded executable is bound to one
+        device."""
+        from ..devices import active_mesh
+
+        return self.jitted if active_mesh() is not None else self.traced
+
     def zeros(self, gal, key):
-        shapes = self.traced.eval_shape("blank", self.blank, gal, key)   # stored with the program
+        prog = self._program()
+        shapes = (prog.eval_shape("blank", self.blank, gal, key) if prog is self.traced   # stored with it
+                  else jax.eval_shape(self.blank, gal, key))
         return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
     def callable(self):
+        prog = self._program()
+
         def run(*args):
-            slots, out = self.traced(*args)
+            slots, out = prog(*args)
             return slots, (slots.phase, slots.x, slots.n, slots.gn), out
         return run
 
     def lower(self, *args):
-        return self.traced.lower(*args)
+        return self._program().lower(*args)
 
 
 def _compiled(model: Model, opts: MapOptions, round_iter: int = ROUND_ITER, render: bool = False) -> _Rounds:
