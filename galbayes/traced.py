@@ -33,6 +33,7 @@ from that cache serializes without its kernels). See docs/known-issues.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -142,6 +143,7 @@ def traced_dir():
     return Path(folder) / "traced"
 
 
+@functools.lru_cache(maxsize=None)
 def host_signature() -> str:
     """The CPU this process runs on (model name and instruction-set flags): a stored
     executable is machine code for one CPU, so a cache folder shared between machines (a
@@ -169,6 +171,11 @@ def _prepare_custom_calls():
     from jax._src.lib import lapack
 
     lapack._lapack.initialize()
+
+
+def _skeleton(tree):
+    """A picklable stand-in for a tree structure (the structure with 0 leaves)."""
+    return tree.unflatten([0] * tree.num_leaves)
 
 
 class _Ready:
@@ -222,21 +229,8 @@ class TracedProgram:
 
     def _entry(self, args):
         """The compiled program for ``args`` (a ``jax.stages.Compiled``), or None to use ``jitted``."""
-        import jax
-
-        leaves, in_tree = jax.tree_util.tree_flatten(args)
-        folder = traced_dir() if self.enabled else None
-        if folder is None or any(isinstance(x, jax.core.Tracer) for x in leaves):
-            return None
-        sig = self._signature(leaves, in_tree)
-        if sig not in self._by_shape:
-            try:
-                self._by_shape[sig] = self._program(folder, sig, args)
-            except Exception as exc:  # noqa: BLE001  (any failure: trace as before)
-                warn_once(f"galbayes could not use a stored compiled program ({type(exc).__name__}: {exc}); "
-                          "tracing instead")
-                self._by_shape[sig] = None
-        return self._by_shape[sig]
+        return self._memo("program", "a stored compiled program", args,
+                          lambda folder, sig: self._program(folder, sig, args))
 
     def eval_shape(self, name: str, fn, *args):
         """``jax.eval_shape(fn, *args)``, kept on disk beside the program (``<key>.shapes``).
@@ -247,17 +241,27 @@ class TracedProgram:
         """
         import jax
 
+        shapes = self._memo(f"eval_shape:{name}", "stored shapes", args,
+                            lambda folder, sig: self._shapes(folder, sig, fn, args))
+        return jax.eval_shape(fn, *args) if shapes is None else shapes
+
+    def _memo(self, kind: str, what: str, args, build):
+        """``build(folder, sig)`` once per ``kind`` and argument signature; None where nothing
+        stored may be used (disabled, cache off, tracers) or it failed (a warning, once)."""
+        import jax
+
         leaves, in_tree = jax.tree_util.tree_flatten(args)
         folder = traced_dir() if self.enabled else None
         if folder is None or any(isinstance(x, jax.core.Tracer) for x in leaves):
-            return jax.eval_shape(fn, *args)
-        sig = ("eval_shape", name, self._signature(leaves, in_tree))
+            return None
+        sig = (kind, str(in_tree), tuple((tuple(np.shape(x)), str(x.dtype) if hasattr(x, "dtype")
+                                          else str(np.asarray(x).dtype)) for x in leaves))
         if sig not in self._by_shape:
             try:
-                self._by_shape[sig] = self._shapes(folder, sig, fn, args)
+                self._by_shape[sig] = build(folder, sig)
             except Exception as exc:  # noqa: BLE001  (any failure: trace as before)
-                warn_once(f"galbayes could not use stored shapes ({type(exc).__name__}: {exc}); tracing instead")
-                self._by_shape[sig] = jax.eval_shape(fn, *args)
+                warn_once(f"galbayes could not use {what} ({type(exc).__name__}: {exc}); tracing instead")
+                self._by_shape[sig] = None
         return self._by_shape[sig]
 
     def _shapes(self, folder: Path, sig, fn, args):
@@ -270,15 +274,9 @@ class TracedProgram:
             return tree.unflatten([jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype)) for shape, dtype in leaves])
         out = jax.eval_shape(fn, *args)
         leaves, tree = jax.tree_util.tree_flatten(out)
-        blob = pickle.dumps((tree.unflatten([0] * tree.num_leaves),
-                             [(tuple(x.shape), str(np.dtype(x.dtype))) for x in leaves]))
+        blob = pickle.dumps((_skeleton(tree), [(tuple(x.shape), str(np.dtype(x.dtype))) for x in leaves]))
         atomic_write(path, lambda tmp: tmp.write_bytes(blob))
         return out
-
-    @staticmethod
-    def _signature(leaves, in_tree):
-        return (str(in_tree), tuple((tuple(np.shape(x)), str(x.dtype) if hasattr(x, "dtype")
-                                     else str(np.asarray(x).dtype)) for x in leaves))
 
     def _key(self, sig) -> str:
         import jax
@@ -312,7 +310,7 @@ class TracedProgram:
             compiled = cache.compile_uncached(self.jitted.lower(*args))
             try:
                 blob, in_tree, out_tree = se.serialize(compiled)
-                trees = pickle.dumps(tuple(t.unflatten([0] * t.num_leaves) for t in (in_tree, out_tree)))
+                trees = pickle.dumps((_skeleton(in_tree), _skeleton(out_tree)))
             except Exception as exc:  # noqa: BLE001  (not serializable: use it, keep nothing)
                 warn_once(f"galbayes could not store a compiled program ({type(exc).__name__}: {exc})")
                 return compiled
