@@ -15,7 +15,11 @@ q 0.25–1, centre within ±1 px of the stamp centre): galbayes with the effecti
 (default), with the optical PSF, galbayes' old treatment (effective PSF used as if optical,
 no band-limited core: the behaviour before psf_type), and Imfit (pyimfit: profile
 pixel-integrated with its default sub-sampling, then convolved with the same effective PSF).
-AstroPhot is run only if it imports.
+AstroPhot (its defaults: profile sampled and integrated
+over pixels, then convolved with the same effective PSF) is run by
+``benchmarks/astrophot_render.py`` under ``--astrophot-python`` (AstroPhot needs torch: e.g.
+``python3 -m venv venv-ap && venv-ap/bin/pip install torch astrophot scipy astropy``), or in
+this interpreter if astrophot imports here; else its row says skipped.
 
 Part 2, MAP fits of ``--fit-count`` mocks (galbayes.mocks defaults, effective PSF,
 SExtractor-like perturbed starts, n0 = 2) by galbayes and Imfit LM from the same starts:
@@ -58,12 +62,33 @@ def imfit_model_image(t, psf, shape, zp):
     return fitter.getModelImage(shape=shape)
 
 
-def astrophot_status() -> str:
+def astrophot_model_images(truths, psf, shape, zp, python):
+    """AstroPhot's model images at the parameters ``truths`` (no fit), rendered by
+    benchmarks/astrophot_render.py under the interpreter ``python`` (AstroPhot needs torch,
+    usually in a virtualenv of its own). Returns (images, version, settings)."""
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+        np.savez(src, truth=np.array([[t[k] for k in KEYS] for t in truths], float), psf=np.asarray(psf, float),
+                 shape=np.asarray(shape), zp=float(zp))
+        subprocess.run([python, str(HERE / "astrophot_render.py"), str(src), str(dst)], check=True)
+        got = np.load(dst)
+        return got["model"], str(got["version"]), str(got["settings"])
+
+
+def astrophot_python(given):
+    """The interpreter that has AstroPhot: ``given``, else this one if it imports astrophot."""
+    if given:
+        return given
     try:
         import astrophot  # noqa: F401
-    except Exception as exc:
-        return f"skipped: {type(exc).__name__}: {exc}"
-    return "imports (not wired into this benchmark)"
+    except Exception:
+        return None
+    return sys.executable
 
 
 def summarise(E, n):
@@ -75,7 +100,7 @@ def summarise(E, n):
             "max_n_gt_4": float(E[n > 4].max()) if np.any(n > 4) else None}
 
 
-def part1(count, seed):
+def part1(count, seed, ap_python=None):
     import galsim
     import jax
     import jax.numpy as jnp
@@ -128,7 +153,15 @@ def part1(count, seed):
         rows["Imfit (effective PSF)"] = summarise(E, n)
     except ImportError as exc:
         rows["Imfit (effective PSF)"] = {"skipped": str(exc)}
-    rows["AstroPhot"] = {"status": astrophot_status()}
+    python = astrophot_python(ap_python)
+    if python is None:
+        rows["AstroPhot (effective PSF)"] = {"skipped": "astrophot does not import here; give --astrophot-python"}
+    else:
+        models, version, settings = astrophot_model_images(truths, psf["effective"], (128, 128), 22.5, python)
+        E = [float((((im - m) / s) ** 2).sum()) for im, m, s in zip(images, models, sig)]
+        flux = [float(m.sum() / im.sum() - 1) for im, m in zip(images, models)]
+        rows["AstroPhot (effective PSF)"] = summarise(E, n) | {"max_abs_dflux": float(np.max(np.abs(flux))),
+                                                               "version": version, "settings": settings}
     return rows
 
 
@@ -195,12 +228,14 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--astrophot-python", help="a Python interpreter with AstroPhot (and torch) installed, "
+                    "e.g. /path/venv-ap/bin/python; default: this one, if astrophot imports")
     args = ap.parse_args(argv)
     from common import machine
 
     result = {"machine": machine()}
     if args.count:
-        result["E_at_truth"] = part1(args.count, args.seed)
+        result["E_at_truth"] = part1(args.count, args.seed, args.astrophot_python)
         for name, r in result["E_at_truth"].items():
             print(f"{name:<40} " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in r.items()), flush=True)
