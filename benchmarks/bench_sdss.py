@@ -54,7 +54,8 @@ def run():
             except ImportError as exc:          # pyimfit is a test-only dependency
                 row["imfit"] = {"skipped": str(exc)}
             else:
-                start = init or {k: v for k, v in zip(model.keys, model.initial_values(obs)[0])}
+                # galbayes' start (the given values, image moments for the rest)
+                start = dict(zip(model.keys, model.initial_values(obs, init or None)[0]))
                 im = imfit_fit(obs, {k: float(start[k]) for k in model.free_keys})
                 row["imfit"] = {k: float(im[k]) for k in model.free_keys}
                 row["imfit_chi2_in_optical"] = _chi2(model, obs, row["imfit"], "optical")
