@@ -88,11 +88,11 @@ def measure(*, batch, size, psf_size, k_lo, k_hi, repeats, core, seed=0):
     return (min(times[k_hi]) - min(times[k_lo])) / (k_hi - k_lo) / batch
 
 
-def _child(args, src):
+def _child(args, src, *, no_core=False):
     env = dict(os.environ, PYTHONPATH=str(src), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, __file__, "--child", "--batch", str(args.batch), "--size", str(args.size),
            "--psf-size", str(args.psf_size), "--k-lo", str(args.k_lo), "--k-hi", str(args.k_hi),
-           "--repeats", str(args.repeats)] + (["--no-core"] if args.no_core else [])
+           "--repeats", str(args.repeats)] + (["--no-core"] if no_core else [])
     proc = subprocess.run(cmd, env=env, cwd=src, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"the timing process for {src} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -129,7 +129,8 @@ def main(argv=None):
         got = {name: [] for name in trees}
         for r in range(args.rounds):
             for name, src in trees.items():
-                got[name].append(_child(args, src))
+                # --no-core is this tree's option (a baseline may have no such switch)
+                got[name].append(_child(args, src, no_core=args.no_core and src == REPO))
                 print(f"round {r + 1}: {name}: {1e3 * got[name][-1]:.2f} ms/galaxy/iteration", flush=True)
     finally:
         if tmp:

@@ -29,8 +29,6 @@ KINDS = ("effective", "optical")
 
 
 def run():
-    import numpy as np
-
     from galbayes.datasets import EXAMPLES, load_example
     from galbayes.pipeline import fit
     from galbayes.recipe import load_recipe
@@ -61,7 +59,7 @@ def run():
                 row["imfit_chi2_in_optical"] = _chi2(model, obs, row["imfit"], "optical")
                 row["imfit_chi2_in_effective"] = _chi2(model, obs, row["imfit"], "effective")
         out[name] = row
-        _print(name, row, np)
+        _print(name, row)
     return out
 
 
@@ -80,7 +78,7 @@ def _chi2(model, obs, values, kind):
     return float(r @ r)
 
 
-def _print(name, row, np):
+def _print(name, row):
     print(f"\n== {name} ({row['recipe']})")
     print(f"{'parameter':<12} {'effective':>20} {'optical':>11} {'shift/err':>9} {'Imfit':>11}")
     for k in row["keys"]:
