@@ -20,8 +20,9 @@ Gaussian-likelihood posterior, which with the default flat priors is exactly
 
 Stages
 ------
-1. SVI: ``numpyro.infer.SVI`` with ``AutoDelta`` (MAP semantics: density in the sampled
-   coordinates, no Jacobian) and an optax optimizer (Adam by default), stopping a galaxy
+1. SVI: ``numpyro.infer.SVI`` with a point-mass guide (``AutoDelta``'s, built without its
+   prototype run: :func:`_point_guide`; MAP semantics: density in the sampled coordinates, no
+   Jacobian) and an optax optimizer (Adam by default), stopping a galaxy
    when its loss has not improved by ``ftol`` for ``patience`` steps.
 2. Polish (default ``"lm"``): Levenberg–Marquardt on the whitened residuals in the
    guide's unconstrained coordinates, with the Jacobian from ``jax.jacfwd`` (one forward
@@ -45,8 +46,7 @@ import numpy as np
 import numpyro
 import optax
 from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoDelta
-from numpyro.infer.initialization import init_to_value
+import numpyro.distributions as dist
 from numpyro.handlers import replay, seed
 from numpyro.infer.util import compute_log_probs, constrain_fn, log_density, unconstrain_fn
 
@@ -155,12 +155,32 @@ class _SortedTraceELBO(Trace_ELBO):
         return {"loss": -elbo, "mutable_state": None}
 
 
+def _point_guide(model: Model):
+    """numpyro guide of one galaxy: a point mass (``Delta``) at a learnable location per
+    latent site, started at ``gal.values0`` and constrained to its site's support — the guide
+    ``AutoDelta(model, init_loc_fn=init_to_value(...))`` builds, without AutoDelta's prototype
+    run (``initialize_model`` traces the whole model and its gradient, once for every SVI
+    object: ~3 s of Python tracing per use, four uses per round program). The supports come
+    from a trace of the priors alone (``likelihood="none"``: nothing is rendered). Parameter
+    names are AutoDelta's (``<site>_auto_loc``)."""
+
+    def guide(gal, likelihood=None):
+        start = model.site_values(gal.values0, gal)
+        with numpyro.handlers.block():
+            prior = numpyro.handlers.trace(seed(model.numpyro_model, 0)).get_trace(gal, likelihood="none")
+        for name, site in prior.items():
+            if site["type"] != "sample" or site["is_observed"]:
+                continue
+            loc = numpyro.param(f"{name}_auto_loc", start[name], constraint=site["fn"].support)
+            numpyro.sample(name, dist.Delta(loc))
+
+    return guide
+
+
 def _svi(model: Model, gal: GalaxyArrays, opts: MapOptions) -> SVI:
     """numpyro SVI of one galaxy: point-mass guide from ``gal.values0``, the optax optimizer."""
-    init_sites = model.site_values(gal.values0, gal)
-    guide = AutoDelta(model.numpyro_model, init_loc_fn=init_to_value(values=init_sites))
     optim = numpyro.optim.optax_to_numpyro(OPTIMIZERS[opts.optimizer](opts.learning_rate))
-    return SVI(model.numpyro_model, guide, optim, _SortedTraceELBO())
+    return SVI(model.numpyro_model, _point_guide(model), optim, _SortedTraceELBO())
 
 
 class _SVIState(NamedTuple):
@@ -204,12 +224,11 @@ def _svi_steps(model: Model, gal: GalaxyArrays, s: _SVIState, opts: MapOptions, 
 
 
 def _svi_sites(model: Model, gal: GalaxyArrays, key, s: _SVIState, opts: MapOptions) -> dict:
-    """The unconstrained sites at the end of SVI."""
-    svi = _svi(model, gal, opts)
-    svi.init(key, gal, likelihood="gaussian")   # sets svi's constrain_fn; its arithmetic is dead code
-    params = svi.get_params(s.state)
-    sites = {k[: -len("_auto_loc")]: v for k, v in params.items()}
-    return unconstrain_fn(model.numpyro_model, (gal,), {"likelihood": "none"}, sites)
+    """The unconstrained sites at the end of SVI: the optimizer's own coordinates of the
+    guide's locations (``biject_to(support)``, the map ``unconstrain_fn`` uses), read
+    directly rather than constrained and unconstrained again."""
+    raw = _svi(model, gal, opts).optim.get_params(s.state.optim_state)
+    return {k[: -len("_auto_loc")]: v for k, v in raw.items()}
 
 
 def _svi_stage(model: Model, gal: GalaxyArrays, key, opts: MapOptions):
