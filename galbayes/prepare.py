@@ -17,8 +17,15 @@ that ``galbayes fit CATALOG --model sersic`` runs directly. For each target:
    RA/Dec), else the segment nearest to it within ``max_offset`` pixels.
 4. **Mask** of the OTHER sources: their segments dilated by a disk of radius
    ``dilate + dilate_scale · sqrt(area/π)`` pixels (scaled with each source's size), never
-   into the target's own segment; plus non-finite pixels. Written as a 0/1 FITS mask
-   (1 = masked) beside the segmentation map.
+   into the target's own segment; plus non-finite pixels. Then a **residual pass**
+   (:func:`residual_sources`, on by default): a smooth model of the target (the median of
+   the unmasked light in elliptical annuli of its centre, ``pa`` and ``q``) is subtracted and
+   the residual detected the same way; compact residual sources (each at most
+   ``RESIDUAL_MAX_AREA`` of the target segment's area) lying on the target's segment,
+   farther than ``max(2·r50, 3·FWHM)`` from its centre, are companions the deblending left
+   in the target (a faint galaxy or a star on its wings): they are masked (dilated the same
+   way) and the estimates are measured again. Written as a 0/1 FITS mask (1 = masked) beside
+   the segmentation map.
 5. **Starting values** from the target's light (:func:`measure_target`): the masked pixels are
    filled by their point-reflection through the centre (else 0), the centre is a windowed
    first moment, ``pa``/``q`` come from the second moments of the segment's light with the
@@ -61,7 +68,7 @@ from .params import wrap_angle
 from .status import OK
 
 __all__ = ["estimate_background", "estimate_sigma", "psf_fwhm", "psf_r50", "snap_shape", "detect",
-           "measure_target", "analyse_cutout", "CutoutAnalysis", "data_bounds", "prepare_cutouts",
+           "measure_target", "residual_sources", "analyse_cutout", "CutoutAnalysis", "data_bounds", "prepare_cutouts",
            "prepare_frame", "SERSIC_COLUMNS", "ZP_KEYWORDS"]
 
 #: Initial-value columns written for the default ``sersic`` recipe.
@@ -181,6 +188,88 @@ def _mask_others(seg, target: int, *, dilate: float, dilate_scale: float):
             box = ndimage.binary_dilation(box, structure=_disk(r))
         out[y0:y1, x0:x1] |= box
     return out & (seg != target)
+
+
+#: Largest residual source the residual pass masks, as a fraction of the target segment's area
+#: (larger residuals are the target's own structure: arms, bars, a mis-modelled profile).
+RESIDUAL_MAX_AREA = 0.15
+
+
+def _elliptical_median(data, bad, xc, yc, pa, q):
+    """Smooth model of a source: the median of the usable pixels in elliptical annuli
+    (width max(1 px, 10 % of the radius)), interpolated in elliptical radius."""
+    ny, nx = data.shape
+    y, x = np.mgrid[:ny, :nx].astype(np.float64)
+    r = _ellipse_r(x, y, xc, yc, pa, q)
+    edges = [0.0, 0.5]
+    while edges[-1] <= r.max():
+        edges.append(edges[-1] + max(1.0, 0.1 * edges[-1]))
+    idx = np.digitize(r, edges) - 1
+    centre, level = [], []
+    for k in range(len(edges) - 1):
+        sel = ~bad & (idx == k)
+        if sel.sum() >= 5:
+            centre.append(float(np.median(r[sel])))
+            level.append(float(np.median(data[sel])))
+    if len(centre) < 2:
+        return np.zeros_like(data)
+    return np.interp(r, centre, level)
+
+
+def residual_sources(data, segmap, target: int, est: dict, *, mask, rms: float, fwhm: float,
+                     n_sigma: float = 1.5, n_pixels: int = 5, dilate: float = 2.0, dilate_scale: float = 0.3):
+    """Companions left inside the target's segment, found on the residual of a smooth model.
+
+    Parameters
+    ----------
+    data : 2-D array
+        Background-subtracted image.
+    segmap, target
+        Segmentation map and the target's label.
+    est : dict
+        The target's estimates (``xc, yc, pa, q, r50``; :func:`measure_target`).
+    mask : 2-D bool array
+        Pixels already masked (other sources, bad pixels).
+    rms, fwhm, n_sigma, n_pixels, dilate, dilate_scale
+        As for the detection and the mask (:func:`detect`, :func:`analyse_cutout`).
+
+    Returns
+    -------
+    (extra, count): the pixels to mask as well (dilated residual sources, never within
+    ``max(2·r50, 3·fwhm)`` of the target's centre) and how many sources they are.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    resid = data - _elliptical_median(data, mask, est["xc"], est["yc"], est["pa"], est["q"])
+    seg = detect(resid, rms=rms, fwhm=fwhm, mask=mask, n_sigma=n_sigma, n_pixels=n_pixels, deblend=False)
+    extra = np.zeros(data.shape, bool)
+    if seg is None:
+        return extra, 0
+    ny, nx = data.shape
+    y, x = np.mgrid[:ny, :nx]
+    own_target = segmap == target
+    r_min = max(2.0 * est["r50"], 3.0 * fwhm)
+    centre = np.hypot(x - est["xc"], y - est["yc"]) < r_min
+    count = 0
+    labels = np.asarray(seg.data)
+    for lab, sl in zip(range(1, int(labels.max()) + 1), ndimage.find_objects(labels)):
+        if sl is None:
+            continue
+        own = labels == lab
+        area = int(own.sum())
+        if not (own & own_target).any() or area > RESIDUAL_MAX_AREA * own_target.sum():
+            continue
+        w = np.where(own, np.maximum(resid, 0.0), 0.0)
+        if w.sum() <= 0:
+            continue
+        cx, cy = float((w * x).sum() / w.sum()), float((w * y).sum() / w.sum())
+        if math.hypot(cx - est["xc"], cy - est["yc"]) < r_min:
+            continue
+        r = int(round(dilate + dilate_scale * math.sqrt(area / math.pi)))
+        extra |= ndimage.binary_dilation(own, structure=_disk(r)) if r > 0 else own
+        count += 1
+    return extra & ~centre, count
 
 
 def _pick_target(seg, x, y, max_offset):
@@ -372,7 +461,8 @@ class CutoutAnalysis:
 
 def analyse_cutout(image, *, sigma=None, psf=None, gain=None, zp: float = _DEFAULT_ZP, position=None,
                    max_offset=None, bad=None, n_sigma: float = 1.5, n_pixels: int = 5, contrast: float = 0.02,
-                   dilate: float = 2.0, dilate_scale: float = 0.3, edge: float = 3.0, galaxy=None) -> CutoutAnalysis:
+                   dilate: float = 2.0, dilate_scale: float = 0.3, edge: float = 3.0, residual: bool = True,
+                   galaxy=None) -> CutoutAnalysis:
     """Detect, pick the target, mask the other sources and estimate its parameters.
 
     Parameters
@@ -400,6 +490,9 @@ def analyse_cutout(image, *, sigma=None, psf=None, gain=None, zp: float = _DEFAU
         Growth of the other sources' segments: ``dilate + dilate_scale·sqrt(area/π)`` px.
     edge : float
         A target whose centre is within ``edge`` px of the cutout's border is refused.
+    residual : bool
+        Run the residual pass (:func:`residual_sources`): companions the deblending left in
+        the target's segment are masked too, and the estimates measured again without them.
     galaxy : str, optional
         Name used in error messages.
 
@@ -449,6 +542,14 @@ def analyse_cutout(image, *, sigma=None, psf=None, gain=None, zp: float = _DEFAU
     mask = others | badpix
     try:
         est = measure_target(data, segmap, target, sigma=sigma, mask=mask, psf=psf, zp=zp)
+        if residual:
+            extra, count = residual_sources(data, segmap, target, est, mask=mask, rms=rms, fwhm=fwhm,
+                                            n_sigma=n_sigma, n_pixels=n_pixels, dilate=dilate,
+                                            dilate_scale=dilate_scale)
+            if count:
+                mask = mask | extra
+                est = measure_target(data, segmap, target, sigma=sigma, mask=mask, psf=psf, zp=zp)
+                notes.append(f"{count} companion(s) on the target's light masked ({int(extra.sum())} px)")
     except InputError as exc:
         raise InputError(exc.problem, galaxy=galaxy, what=exc.what) from None
     xc, yc = est["xc"], est["yc"]
@@ -648,7 +749,8 @@ def prepare_cutouts(*, images, out, psf=None, sigma_suffix: str = "_sigma", imag
     """
     w = _Writer(out, bounds=data_bounds, settings=dict(
         mode="cutouts", n_sigma=n_sigma, n_pixels=n_pixels, contrast=contrast, dilate=dilate,
-        dilate_scale=dilate_scale, sigma_suffix=sigma_suffix, sigma_pattern=sigma_pattern, gain=gain, zp=zp))
+        dilate_scale=dilate_scale, residual_pass=True, sigma_suffix=sigma_suffix, sigma_pattern=sigma_pattern,
+        gain=gain, zp=zp))
     psf_arr = None
     if psf is not None:
         psf_arr, _ = _read_image(psf, what="PSF")
@@ -771,7 +873,8 @@ def prepare_frame(*, image, positions, out, psf=None, sigma=None, gain=None, zp=
 
     w = _Writer(out, bounds=data_bounds, settings=dict(
         mode="frame", image=str(image), n_sigma=n_sigma, n_pixels=n_pixels, contrast=contrast, dilate=dilate,
-        dilate_scale=dilate_scale, size_factor=size_factor, min_size=min_size, gain=gain, zp=zp))
+        dilate_scale=dilate_scale, residual_pass=True, size_factor=size_factor, min_size=min_size, gain=gain,
+        zp=zp))
     targets = _read_positions(positions)
     pos_dir = Path(positions).parent
     frame_problem = None

@@ -109,6 +109,33 @@ def test_fit_from_automatic_start_reaches_truth_chi2(scenes, psf):
         assert chi2[f"s{k}_auto"] <= chi2[f"s{k}_truth"] + 1.0, (chi2[f"s{k}_auto"], chi2[f"s{k}_truth"])
 
 
+@pytest.mark.parametrize("seed", [3, 5])   # noise draws where the deblending misses it
+def test_residual_pass_masks_a_companion_the_deblending_missed(psf, seed):
+    """A faint compact galaxy (mag 20.5, re 1.5 px) 34 px out on the wings of a bright target
+    (mag 16, re 9 px): the deblending keeps it in the target's segment (unmasked with
+    residual=False); the residual pass masks >= 90 % of its flux, keeps >= 95 % of the
+    target's and says so in the notes. Without the companion the pass finds nothing."""
+    shape, c = (128, 128), 63.5
+    target = render_sersic(shape=shape, xc=c + 0.3, yc=c - 0.2, pa=30, q=0.7, re=9.0, n=2.5, mag=16.0)
+    comp = render_sersic(shape=shape, xc=c + 34 * np.cos(0.7), yc=c + 34 * np.sin(0.7), pa=0, q=0.8, re=1.5,
+                         n=1.0, mag=20.5)
+    rng = np.random.default_rng(seed)
+    for model, with_comp in ((target + comp, True), (target, False)):
+        sigma = np.sqrt(SKY**2 + model / GAIN)
+        data = model + rng.normal(size=shape) * sigma
+        off = analyse_cutout(data, sigma=sigma, psf=psf, residual=False)
+        on = analyse_cutout(data, sigma=sigma, psf=psf)
+        if with_comp:
+            assert (comp * (off.mask > 0)).sum() / comp.sum() < 0.5        # missed by deblending
+            assert (comp * (on.mask > 0)).sum() / comp.sum() >= 0.90
+            assert (target * (on.mask == 0)).sum() / target.sum() >= 0.95
+            assert any("companion" in n for n in on.notes), on.notes
+        else:
+            np.testing.assert_array_equal(on.mask, off.mask)
+            assert not any("companion" in n for n in on.notes), on.notes
+            assert on.estimates == off.estimates
+
+
 def test_sdss_masks_agree_with_shipped():
     from galbayes.datasets import EXAMPLES, example_paths
 
@@ -138,8 +165,9 @@ def _hsc(name):
 def test_hsc_masks_agree_with_pysersic_and_fits_with_hand_started(tmp_path):
     """pysersic's HSC examples (masks made by hand for its notebooks): our automatic mask
     agrees on >= 90 % of pixels and leaves the target's core unmasked; the fit of gal2 from our
-    mask agrees with the fit from pysersic's mask (same start) within 3 stated errors in
-    centre, pa and q, and within 3 % in re and n and 0.02 in mag (see below)."""
+    mask agrees with the fit from pysersic's mask (same start) within 1 stated error in every
+    parameter. (Before the residual pass of analyse_cutout a faint companion 36 px out, which
+    pysersic's mask covers, stayed in our target segment and moved re, n and mag by ~4 errors.)"""
     from galbayes.pipeline import fit
     from galbayes.recipe import load_recipe
 
@@ -168,15 +196,8 @@ def test_hsc_masks_agree_with_pysersic_and_fits_with_hand_started(tmp_path):
         err = float(np.hypot(t["auto"][k + "_err"], t["hand"][k + "_err"]))
         report[p] = (round(float(t["auto"][k]), 4), round(float(t["hand"][k]), 4), round(diff / err, 2))
     print("\nauto, hand, |diff|/err:", report)
-    for p in ("xc", "yc", "pa", "q"):
-        assert report[p][2] <= 3.0, (p, report)
-    # re, n and mag differ by ~4 stated (statistical) errors: a faint companion 36 px out
-    # (374 px, 2 % of the target's flux) that pysersic's mask covers stays in our target
-    # segment (deblending contrast 0.02; 0.01 deblends it but over-masks an SDSS galaxy).
-    # The mask choice is a systematic larger than the noise; bound it instead.
-    a, h = report["re"][0], report["re"][1]
-    assert abs(a / h - 1) < 0.03 and abs(report["n"][0] / report["n"][1] - 1) < 0.03, report
-    assert abs(report["mag"][0] - report["mag"][1]) < 0.02, report
+    for p in report:
+        assert report[p][2] <= 1.0, (p, report)
 
 
 def test_legacy_survey_ivar_cutout_automatic_and_hand_started_fits_agree():
