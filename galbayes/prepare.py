@@ -169,9 +169,9 @@ def _disk(r: int):
     return x * x + y * y <= r * r + 0.5
 
 
-def _mask_others(seg, target: int, *, dilate: float, dilate_scale: float):
+def _mask_others(seg, target: int | None, *, dilate: float, dilate_scale: float):
     """Other sources' segments, each dilated by ``dilate + dilate_scale·sqrt(area/π)`` px,
-    not into the target's segment."""
+    not into the target's segment (``target=None``: every segment of ``seg``, unclipped)."""
     from scipy import ndimage
 
     out = np.zeros(seg.shape, bool)
@@ -187,7 +187,7 @@ def _mask_others(seg, target: int, *, dilate: float, dilate_scale: float):
         if r > 0:
             box = ndimage.binary_dilation(box, structure=_disk(r))
         out[y0:y1, x0:x1] |= box
-    return out & (seg != target)
+    return out if target is None else out & (seg != target)
 
 
 #: Largest residual source the residual pass masks, as a fraction of the target segment's area
@@ -251,25 +251,26 @@ def residual_sources(data, segmap, target: int, est: dict, *, mask, rms: float, 
     own_target = segmap == target
     r_min = max(2.0 * est["r50"], 3.0 * fwhm)
     centre = np.hypot(x - est["xc"], y - est["yc"]) < r_min
-    count = 0
     labels = np.asarray(seg.data)
+    chosen = []
     for lab, sl in zip(range(1, int(labels.max()) + 1), ndimage.find_objects(labels)):
         if sl is None:
             continue
         own = labels == lab
-        area = int(own.sum())
-        if not (own & own_target).any() or area > RESIDUAL_MAX_AREA * own_target.sum():
+        if not (own & own_target).any() or own.sum() > RESIDUAL_MAX_AREA * own_target.sum():
             continue
         w = np.where(own, np.maximum(resid, 0.0), 0.0)
         if w.sum() <= 0:
             continue
         cx, cy = float((w * x).sum() / w.sum()), float((w * y).sum() / w.sum())
-        if math.hypot(cx - est["xc"], cy - est["yc"]) < r_min:
-            continue
-        r = int(round(dilate + dilate_scale * math.sqrt(area / math.pi)))
-        extra |= ndimage.binary_dilation(own, structure=_disk(r)) if r > 0 else own
-        count += 1
-    return extra & ~centre, count
+        if math.hypot(cx - est["xc"], cy - est["yc"]) >= r_min:
+            chosen.append(lab)
+    if not chosen:
+        return extra, 0
+    # grown like every other source's mask (one radius rule: _mask_others)
+    extra = _mask_others(np.where(np.isin(labels, chosen), labels, 0), None, dilate=dilate,
+                         dilate_scale=dilate_scale)
+    return extra & ~centre, len(chosen)
 
 
 def _pick_target(seg, x, y, max_offset):
