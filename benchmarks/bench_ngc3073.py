@@ -9,8 +9,7 @@ fit (Imfit's ``tests/imfit_reference/imfit_textout4``) has χ² = 36,828.58 on 2
 σ is Imfit's data-based noise: σ² = (image + sky) / gain + (read noise / gain)², in ADU. The
 PSF is an analytic Moffat sampled at pixel centres, i.e. *optical* in galbayes' terms; it is
 fitted both ways (``--psf-type`` both by default), from Imfit's config starting values, with
-the ``bulge_disk`` recipe (its bounds widened where Imfit's solution needs it: none by
-default). Imfit itself (pyimfit, LM, the config file's bounds) is fitted in the same run when
+the ``bulge_disk`` recipe and its own bounds (Imfit's solution lies inside them). Imfit itself (pyimfit, LM, the config file's bounds) is fitted in the same run when
 pyimfit is installed, and its solution is also evaluated in galbayes' model.
 
     python benchmarks/bench_ngc3073.py --data DIR [--json F]
