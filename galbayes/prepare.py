@@ -24,8 +24,15 @@ that ``galbayes fit CATALOG --model sersic`` runs directly. For each target:
    ``RESIDUAL_MAX_AREA`` of the target segment's area) lying on the target's segment,
    farther than ``max(2·r50, 3·FWHM)`` from its centre, are companions the deblending left
    in the target (a faint galaxy or a star on its wings): they are masked (dilated the same
-   way) and the estimates are measured again. Written as a 0/1 FITS mask (1 = masked) beside
-   the segmentation map.
+   way). Last, the **outshine pass** (:func:`outshine_masks`, on by default) cuts and grows
+   each other source's mask to where it outshines the target: the target and each neighbour
+   get a smooth model (elliptical-annulus medians, ending where an annulus is no longer
+   detected; the neighbour's from the image less the target's model), and a neighbour's
+   mask is its segment, its dilated segment less the pixels where the target's model is the
+   brighter (there: the neighbour's model reaches them, or the target is above
+   ``OUTSHINE_FLOOR`` rms), and every pixel where its model is brighter than the target's.
+   The estimates are measured again. Written as a 0/1 FITS mask (1 = masked) beside the
+   segmentation map.
 5. **Starting values** from the target's light (:func:`measure_target`): the masked pixels are
    filled by their point-reflection through the centre (else 0), the centre is a windowed
    first moment, ``pa``/``q`` come from the second moments of the segment's light with the
@@ -68,7 +75,7 @@ from .params import wrap_angle
 from .status import OK
 
 __all__ = ["estimate_background", "estimate_sigma", "psf_fwhm", "psf_r50", "snap_shape", "detect",
-           "measure_target", "residual_sources", "analyse_cutout", "CutoutAnalysis", "data_bounds", "prepare_cutouts",
+           "measure_target", "residual_sources", "outshine_masks", "analyse_cutout", "CutoutAnalysis", "data_bounds", "prepare_cutouts",
            "prepare_frame", "SERSIC_COLUMNS", "ZP_KEYWORDS"]
 
 #: Initial-value columns written for the default ``sersic`` recipe.
@@ -169,23 +176,32 @@ def _disk(r: int):
     return x * x + y * y <= r * r + 0.5
 
 
+def _grown(seg, lab: int, sl, *, dilate: float, dilate_scale: float):
+    """Segment ``lab`` (bounding slices ``sl``) dilated by ``dilate + dilate_scale·sqrt(area/π)``
+    px: ((y0, y1, x0, x1), the dilated segment in that box)."""
+    from scipy import ndimage
+
+    ny, nx = seg.shape
+    own = seg[sl] == lab
+    r = int(round(dilate + dilate_scale * math.sqrt(own.sum() / math.pi)))
+    y0, y1 = max(sl[0].start - r, 0), min(sl[0].stop + r, ny)
+    x0, x1 = max(sl[1].start - r, 0), min(sl[1].stop + r, nx)
+    box = seg[y0:y1, x0:x1] == lab
+    if r > 0:
+        box = ndimage.binary_dilation(box, structure=_disk(r))
+    return (y0, y1, x0, x1), box
+
+
 def _mask_others(seg, target: int | None, *, dilate: float, dilate_scale: float):
     """Other sources' segments, each dilated by ``dilate + dilate_scale·sqrt(area/π)`` px,
     not into the target's segment (``target=None``: every segment of ``seg``, unclipped)."""
     from scipy import ndimage
 
     out = np.zeros(seg.shape, bool)
-    ny, nx = seg.shape
     for lab, sl in zip(range(1, int(seg.max()) + 1), ndimage.find_objects(seg)):
         if sl is None or lab == target:
             continue
-        own = seg[sl] == lab
-        r = int(round(dilate + dilate_scale * math.sqrt(own.sum() / math.pi)))
-        y0, y1 = max(sl[0].start - r, 0), min(sl[0].stop + r, ny)
-        x0, x1 = max(sl[1].start - r, 0), min(sl[1].stop + r, nx)
-        box = seg[y0:y1, x0:x1] == lab
-        if r > 0:
-            box = ndimage.binary_dilation(box, structure=_disk(r))
+        (y0, y1, x0, x1), box = _grown(seg, lab, sl, dilate=dilate, dilate_scale=dilate_scale)
         out[y0:y1, x0:x1] |= box
     return out if target is None else out & (seg != target)
 
@@ -195,9 +211,11 @@ def _mask_others(seg, target: int | None, *, dilate: float, dilate_scale: float)
 RESIDUAL_MAX_AREA = 0.15
 
 
-def _elliptical_median(data, bad, xc, yc, pa, q):
+def _elliptical_median(data, bad, xc, yc, pa, q, *, rms=None):
     """Smooth model of a source: the median of the usable pixels in elliptical annuli
-    (width max(1 px, 10 % of the radius)), interpolated in elliptical radius."""
+    (width max(1 px, 10 % of the radius)), interpolated in elliptical radius. With ``rms``
+    the model ends (is 0 beyond) at the first annulus whose median is not above twice its
+    standard error (1.25·rms/√pixels): the source's detectable extent."""
     ny, nx = data.shape
     y, x = np.mgrid[:ny, :nx].astype(np.float64)
     r = _ellipse_r(x, y, xc, yc, pa, q)
@@ -208,12 +226,16 @@ def _elliptical_median(data, bad, xc, yc, pa, q):
     centre, level = [], []
     for k in range(len(edges) - 1):
         sel = ~bad & (idx == k)
-        if sel.sum() >= 5:
+        n_sel = int(sel.sum())
+        if n_sel >= 5:
             centre.append(float(np.median(r[sel])))
             level.append(float(np.median(data[sel])))
+            if rms is not None and level[-1] < 2.0 * 1.25 * rms / math.sqrt(n_sel):
+                level[-1] = 0.0
+                break
     if len(centre) < 2:
         return np.zeros_like(data)
-    return np.interp(r, centre, level)
+    return np.interp(r, centre, level, right=0.0 if rms is not None else level[-1])
 
 
 def residual_sources(data, segmap, target: int, est: dict, *, mask, rms: float, fwhm: float,
@@ -271,6 +293,99 @@ def residual_sources(data, segmap, target: int, est: dict, *, mask, rms: float, 
     extra = _mask_others(np.where(np.isin(labels, chosen), labels, 0), None, dilate=dilate,
                          dilate_scale=dilate_scale)
     return extra & ~centre, len(chosen)
+
+
+#: A neighbour's dilated segment is cut back (:func:`outshine_masks`) where the target's model
+#: is brighter than the neighbour's and either the neighbour's model still reaches there or
+#: the target is brighter than this many background rms per pixel. Beyond the neighbour's
+#: measured extent, on the faint outskirts of the target, the dilated segment stays: its
+#: undetected wings may carry more light than the little target light it covers.
+OUTSHINE_FLOOR = 0.5
+
+
+def outshine_masks(data, segmap, target: int, est: dict, *, mask, bad, rms: float, fwhm: float,
+                   dilate: float = 2.0, dilate_scale: float = 0.3):
+    """The other sources' masks, cut and grown to where each source outshines the target.
+
+    A dilated segment (:func:`_mask_others`) is a guess at a source's extent: it misses the
+    faint wings of an extended neighbour and, on the wings of a bright target, it also
+    covers the target's light. Here the target and every other source get a smooth model
+    (medians in elliptical annuli, ending where an annulus is no longer detected): the
+    target's from the image with the other sources masked, each neighbour's from the image
+    less the target's model, about the neighbour's own centre and second moments. A
+    neighbour's mask is then its segment, plus its dilated segment except where the target's
+    model is the brighter one (and the neighbour's model reaches there or the target is above
+    :data:`OUTSHINE_FLOOR` rms), plus every pixel where the neighbour's model is brighter than
+    the target's.
+
+    Parameters
+    ----------
+    data : 2-D array
+        Background-subtracted image.
+    segmap, target
+        Segmentation map and the target's label.
+    est : dict
+        The target's estimates (``xc, yc, pa, q, r50``; :func:`measure_target`).
+    mask : 2-D bool array
+        The mask so far (dilated other sources, bad pixels, residual companions): the
+        pixels the target's model does not use.
+    bad : 2-D bool array
+        Bad pixels (never used for any model).
+    rms, fwhm, dilate, dilate_scale
+        As for the detection and the mask (:func:`detect`, :func:`analyse_cutout`).
+
+    Returns
+    -------
+    2-D bool array: the other sources' mask (never on the target's segment).
+    """
+    from scipy import ndimage
+
+    ny, nx = data.shape
+    y, x = np.mgrid[:ny, :nx].astype(np.float64)
+    mask, bad = np.asarray(mask, bool), np.asarray(bad, bool)
+    t_model = np.clip(_elliptical_median(data, mask, est["xc"], est["yc"], est["pa"], est["q"], rms=rms), 0, None)
+    core = _ellipse_r(x, y, est["xc"], est["yc"], est["pa"], est["q"]) < max(est["r50"], 2.0 * fwhm)
+    rest = data - t_model
+    grown = {}
+    for lab, sl in zip(range(1, int(segmap.max()) + 1), ndimage.find_objects(segmap)):
+        if sl is not None and lab != target:
+            grown[lab] = (sl,) + _grown(segmap, lab, sl, dilate=dilate, dilate_scale=dilate_scale)
+    out = np.zeros(data.shape, bool)
+    for lab, (sl, (y0, y1, x0, x1), box) in grown.items():
+        own = segmap == lab
+        # the neighbour's model: within a box grown by twice its size plus 3 FWHM, the
+        # target's core and the other neighbours' dilated segments left out
+        r_eq = math.sqrt(own.sum() / math.pi)
+        g = int(math.ceil(2.0 * r_eq + 3.0 * fwhm))
+        by0, by1 = max(sl[0].start - g, 0), min(sl[0].stop + g, ny)
+        bx0, bx1 = max(sl[1].start - g, 0), min(sl[1].stop + g, nx)
+        win = (slice(by0, by1), slice(bx0, bx1))
+        skip = bad[win] | core[win]
+        for other, (_, (oy0, oy1, ox0, ox1), obox) in grown.items():
+            if other != lab:
+                ys, xs = slice(max(oy0, by0), min(oy1, by1)), slice(max(ox0, bx0), min(ox1, bx1))
+                if ys.start < ys.stop and xs.start < xs.stop:
+                    skip[ys.start - by0: ys.stop - by0, xs.start - bx0: xs.stop - bx0] |= \
+                        obox[ys.start - oy0: ys.stop - oy0, xs.start - ox0: xs.stop - ox0]
+        w = np.where(own[win], np.clip(rest[win], 0, None), 0.0)
+        if not w.sum() > 0:
+            out |= own
+            continue
+        xw, yw = x[win], y[win]
+        cx, cy = (w * xw).sum() / w.sum(), (w * yw).sum() / w.sum()
+        dx, dy = xw - cx, yw - cy
+        cov = np.array([[(w * dx * dx).sum(), (w * dx * dy).sum()],
+                        [(w * dx * dy).sum(), (w * dy * dy).sum()]]) / w.sum()
+        evals, evecs = np.linalg.eigh(cov)
+        q = float(np.clip(math.sqrt(max(evals[0], 1e-6) / max(evals[1], 1e-6)), 0.2, 1.0))
+        pa = math.degrees(math.atan2(evecs[1, 1], evecs[0, 1])) - 90.0
+        n_model = np.zeros(data.shape)
+        n_model[win] = np.clip(_elliptical_median(rest[win], skip, cx - bx0, cy - by0, pa, q, rms=rms), 0, None)
+        dilated = np.zeros(data.shape, bool)
+        dilated[y0:y1, x0:x1] = box
+        cut = (t_model > n_model) & ((n_model > 0) | (t_model > OUTSHINE_FLOOR * rms))
+        out |= own | (dilated & ~cut) | (n_model > t_model)
+    return out & (segmap != target)
 
 
 def _pick_target(seg, x, y, max_offset):
@@ -463,7 +578,7 @@ class CutoutAnalysis:
 def analyse_cutout(image, *, sigma=None, psf=None, gain=None, zp: float = _DEFAULT_ZP, position=None,
                    max_offset=None, bad=None, n_sigma: float = 1.5, n_pixels: int = 5, contrast: float = 0.02,
                    dilate: float = 2.0, dilate_scale: float = 0.3, edge: float = 3.0, residual: bool = True,
-                   galaxy=None) -> CutoutAnalysis:
+                   outshine: bool = True, galaxy=None) -> CutoutAnalysis:
     """Detect, pick the target, mask the other sources and estimate its parameters.
 
     Parameters
@@ -494,6 +609,9 @@ def analyse_cutout(image, *, sigma=None, psf=None, gain=None, zp: float = _DEFAU
     residual : bool
         Run the residual pass (:func:`residual_sources`): companions the deblending left in
         the target's segment are masked too, and the estimates measured again without them.
+    outshine : bool
+        Cut and grow the other sources' masks to where each outshines the target
+        (:func:`outshine_masks`); the estimates are measured again with that mask.
     galaxy : str, optional
         Name used in error messages.
 
@@ -543,6 +661,7 @@ def analyse_cutout(image, *, sigma=None, psf=None, gain=None, zp: float = _DEFAU
     mask = others | badpix
     try:
         est = measure_target(data, segmap, target, sigma=sigma, mask=mask, psf=psf, zp=zp)
+        extra = np.zeros(mask.shape, bool)
         if residual:
             extra, count = residual_sources(data, segmap, target, est, mask=mask, rms=rms, fwhm=fwhm,
                                             n_sigma=n_sigma, n_pixels=n_pixels, dilate=dilate,
@@ -551,6 +670,11 @@ def analyse_cutout(image, *, sigma=None, psf=None, gain=None, zp: float = _DEFAU
                 mask = mask | extra
                 est = measure_target(data, segmap, target, sigma=sigma, mask=mask, psf=psf, zp=zp)
                 notes.append(f"{count} companion(s) on the target's light masked ({int(extra.sum())} px)")
+        if outshine and len(np.unique(segmap)) > 2:
+            others = outshine_masks(data, segmap, target, est, mask=mask, bad=badpix, rms=rms, fwhm=fwhm,
+                                    dilate=dilate, dilate_scale=dilate_scale)
+            mask = others | badpix | extra
+            est = measure_target(data, segmap, target, sigma=sigma, mask=mask, psf=psf, zp=zp)
     except InputError as exc:
         raise InputError(exc.problem, galaxy=galaxy, what=exc.what) from None
     xc, yc = est["xc"], est["yc"]
@@ -750,7 +874,7 @@ def prepare_cutouts(*, images, out, psf=None, sigma_suffix: str = "_sigma", imag
     """
     w = _Writer(out, bounds=data_bounds, settings=dict(
         mode="cutouts", n_sigma=n_sigma, n_pixels=n_pixels, contrast=contrast, dilate=dilate,
-        dilate_scale=dilate_scale, residual_pass=True, sigma_suffix=sigma_suffix, sigma_pattern=sigma_pattern,
+        dilate_scale=dilate_scale, residual_pass=True, outshine_masks=True, sigma_suffix=sigma_suffix, sigma_pattern=sigma_pattern,
         gain=gain, zp=zp))
     psf_arr = None
     if psf is not None:
@@ -874,7 +998,7 @@ def prepare_frame(*, image, positions, out, psf=None, sigma=None, gain=None, zp=
 
     w = _Writer(out, bounds=data_bounds, settings=dict(
         mode="frame", image=str(image), n_sigma=n_sigma, n_pixels=n_pixels, contrast=contrast, dilate=dilate,
-        dilate_scale=dilate_scale, residual_pass=True, size_factor=size_factor, min_size=min_size, gain=gain,
+        dilate_scale=dilate_scale, residual_pass=True, outshine_masks=True, size_factor=size_factor, min_size=min_size, gain=gain,
         zp=zp))
     targets = _read_positions(positions)
     pos_dir = Path(positions).parent

@@ -136,6 +136,48 @@ def test_residual_pass_masks_a_companion_the_deblending_missed(psf, seed):
             assert on.estimates == off.estimates
 
 
+def _two_source_scene(seed, target_kw, neighbour_kw):
+    shape = (128, 128)
+    target, neighbour = render_sersic(shape=shape, **target_kw), render_sersic(shape=shape, **neighbour_kw)
+    model = target + neighbour
+    sigma = np.sqrt(SKY**2 + model / GAIN)
+    return model + np.random.default_rng(seed).normal(size=shape) * sigma, sigma, target, neighbour
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", ["faint_wings", "on_the_wing"])
+def test_outshine_masks_grow_and_cut_dilated_segments(psf, seed, case):
+    """The two ways a dilated segment misses, and outshine_masks (on by default) fixing each:
+
+    * faint_wings: an extended faint neighbour (mag 19.3, re 5.5 px, n 2.5) 50 px from a
+      mag-16.8 n-4 target: its segment (the 1.5 rms isophote) dilated covers < 90 % of its
+      flux; grown to where its model outshines the target's, >= 90 %.
+    * on_the_wing: a compact mag-18 neighbour 25 px out on the wing of an extended n-5.5,
+      q-0.3 target: the dilated segment also takes the target's light (< 95 % kept); cut
+      back to where the neighbour outshines the target, >= 95 % kept.
+
+    Both ways the other criterion holds too (>= 95 % kept, >= 90 % covered)."""
+    c = 63.5
+    if case == "faint_wings":
+        t = dict(xc=c + 0.3, yc=c - 0.2, pa=30.0, q=0.6, re=12.0, n=4.0, mag=16.8)
+        nb = dict(xc=c + 50 * np.cos(2.9), yc=c + 50 * np.sin(2.9), pa=60.0, q=0.7, re=5.5, n=2.5, mag=19.3)
+    else:
+        t = dict(xc=c, yc=c, pa=0.0, q=0.3, re=10.7, n=5.5, mag=17.5)
+        nb = dict(xc=c + 25 * np.cos(np.radians(60)), yc=c + 25 * np.sin(np.radians(60)), pa=-20.0, q=0.8,
+                  re=3.0, n=1.0, mag=18.0)
+    data, sigma, target, neighbour = _two_source_scene(seed, t, nb)
+    scores = {}
+    for on in (False, True):
+        m = analyse_cutout(data, sigma=sigma, psf=psf, outshine=on).mask > 0
+        scores[on] = ((target * ~m).sum() / target.sum(), (neighbour * m).sum() / neighbour.sum())
+    (kept_off, cov_off), (kept_on, cov_on) = scores[False], scores[True]
+    if case == "faint_wings":
+        assert cov_off < 0.90 <= cov_on, scores
+    else:
+        assert kept_off < 0.95 <= kept_on, scores
+    assert kept_on >= 0.95 and cov_on >= 0.90, scores
+
+
 def test_sdss_masks_agree_with_shipped():
     from galbayes.datasets import EXAMPLES, example_paths
 
