@@ -352,14 +352,15 @@ def outshine_masks(data, segmap, target: int, est: dict, *, mask, bad, rms: floa
             grown[lab] = (sl,) + _grown(segmap, lab, sl, dilate=dilate, dilate_scale=dilate_scale)
     out = np.zeros(data.shape, bool)
     for lab, (sl, (y0, y1, x0, x1), box) in grown.items():
-        own = segmap == lab
-        # the neighbour's model: within a box grown by twice its size plus 3 FWHM, the
-        # target's core and the other neighbours' dilated segments left out
-        r_eq = math.sqrt(own.sum() / math.pi)
+        # the neighbour's model: within a box grown by twice its size plus 3 FWHM (and
+        # holding its dilated segment), the target's core and the other neighbours' dilated
+        # segments left out
+        r_eq = math.sqrt((segmap[sl] == lab).sum() / math.pi)
         g = int(math.ceil(2.0 * r_eq + 3.0 * fwhm))
-        by0, by1 = max(sl[0].start - g, 0), min(sl[0].stop + g, ny)
-        bx0, bx1 = max(sl[1].start - g, 0), min(sl[1].stop + g, nx)
+        by0, by1 = min(max(sl[0].start - g, 0), y0), max(min(sl[0].stop + g, ny), y1)
+        bx0, bx1 = min(max(sl[1].start - g, 0), x0), max(min(sl[1].stop + g, nx), x1)
         win = (slice(by0, by1), slice(bx0, bx1))
+        own = segmap[win] == lab
         skip = bad[win] | core[win]
         for other, (_, (oy0, oy1, ox0, ox1), obox) in grown.items():
             if other != lab:
@@ -367,9 +368,9 @@ def outshine_masks(data, segmap, target: int, est: dict, *, mask, bad, rms: floa
                 if ys.start < ys.stop and xs.start < xs.stop:
                     skip[ys.start - by0: ys.stop - by0, xs.start - bx0: xs.stop - bx0] |= \
                         obox[ys.start - oy0: ys.stop - oy0, xs.start - ox0: xs.stop - ox0]
-        w = np.where(own[win], np.clip(rest[win], 0, None), 0.0)
+        w = np.where(own, np.clip(rest[win], 0, None), 0.0)
         if not w.sum() > 0:
-            out |= own
+            out[win] |= own
             continue
         xw, yw = x[win], y[win]
         cx, cy = (w * xw).sum() / w.sum(), (w * yw).sum() / w.sum()
@@ -379,12 +380,12 @@ def outshine_masks(data, segmap, target: int, est: dict, *, mask, bad, rms: floa
         evals, evecs = np.linalg.eigh(cov)
         q = float(np.clip(math.sqrt(max(evals[0], 1e-6) / max(evals[1], 1e-6)), 0.2, 1.0))
         pa = math.degrees(math.atan2(evecs[1, 1], evecs[0, 1])) - 90.0
-        n_model = np.zeros(data.shape)
-        n_model[win] = np.clip(_elliptical_median(rest[win], skip, cx - bx0, cy - by0, pa, q, rms=rms), 0, None)
-        dilated = np.zeros(data.shape, bool)
-        dilated[y0:y1, x0:x1] = box
-        cut = (t_model > n_model) & ((n_model > 0) | (t_model > OUTSHINE_FLOOR * rms))
-        out |= own | (dilated & ~cut) | (n_model > t_model)
+        n_model = np.clip(_elliptical_median(rest[win], skip, cx - bx0, cy - by0, pa, q, rms=rms), 0, None)
+        t_win = t_model[win]
+        dilated = np.zeros(own.shape, bool)
+        dilated[y0 - by0: y1 - by0, x0 - bx0: x1 - bx0] = box
+        cut = (t_win > n_model) & ((n_model > 0) | (t_win > OUTSHINE_FLOOR * rms))
+        out[win] |= own | (dilated & ~cut) | (n_model > t_win)
     return out & (segmap != target)
 
 
