@@ -15,6 +15,7 @@ Figures:
   galaxy against the uniform 128² run of the same size;
 * compilations (XLA programs built / loaded from the cache) and compile seconds, from the
   run's run.json; peak RSS of each run (ru_maxrss of the fitting process);
+* the warm n-galaxy run with ``--streams 1`` (one fit loop; the default runs one per core);
 * Imfit (galbayes.reference.imfit_fit, pyimfit LM, one OpenMP thread per worker) on 2
   worker processes over the first ``--imfit-n`` galaxies of the uniform set, started from
   the mocks' perturbed values (galbayes starts from image moments: the CLI default).
@@ -158,6 +159,7 @@ def main(argv=None):
     log("cold_small", run_cli(cat_small, work / "out_cold_small", cache))
     log("warm_small", run_cli(cat_small, work / "out_warm_small", cache))
     log("warm_small_no_blocks", run_cli(cat_small, work / "out_warm_small_nb", cache, ["--no-blocks"]))
+    log("warm_small_streams1", run_cli(cat_small, work / "out_warm_small_s1", cache, ["--streams", "1"]))
     if cat_large is not None:
         if not args.no_cold_large:
             log("cold_large", run_cli(cat_large, work / "out_cold_large", work / "xla_large"))

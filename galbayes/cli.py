@@ -90,7 +90,7 @@ def cmd_fit(args):
     table = fit_catalog(args.catalog, model, args.out, options=_options(args), batch_size=args.batch_size,
                         blocks=not args.no_blocks, progress=not args.quiet,
                         resume=args.resume, shard_size=args.shard_size, dask=args.dask,
-                        errors=args.errors)
+                        errors=args.errors, streams=args.streams)
     from .status import is_usable
     n_ok = int(sum(1 for s in table["status"] if is_usable(s)))
     wall = time.perf_counter() - t0
@@ -238,6 +238,9 @@ def build_parser():
                    help="catalog rows per durable shard file (default 8 x batch size)")
     p.add_argument("--dask", default=None, metavar="ADDRESS|local:N",
                    help="fit shards on a Dask cluster: scheduler address, or local:N worker processes")
+    p.add_argument("--streams", type=int, default=None, metavar="N",
+                   help="fit loops run at once in this process (default: the CPU cores, at most 8; 1 on "
+                        "a GPU and in each Dask worker); results change only at float32 rounding")
     p.add_argument("--errors", choices=list(ERROR_METHODS), default="none",
                    help="error bars: numpyro Laplace, the paper's (J^T W J)^-1, or a 100-replica pixel "
                         "bootstrap; adds <param>_err columns and covariance/<id>.fits (default none)")

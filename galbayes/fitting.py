@@ -132,7 +132,8 @@ def _write_covariance(model, gid, est: ErrorEstimate, j, directory) -> None:
     hdu.writeto(path, overwrite=True)
 
 
-def _fit_packed(model, packed: list, options: MapOptions, batch_size: int, errors=None, render: bool = True):
+def _fit_packed(model, packed: list, options: MapOptions, batch_size: int, errors=None, render: bool = True,
+                streams: int | None = None):
     """Fit ``[(gid, GalaxyArrays)]`` grouped by stamp/PSF bucket (padded to it, see
     :mod:`galbayes.batching`), each group through ``batch_size`` slots (a finished galaxy's
     slot goes to the next waiting one, see :func:`fit_map`); yields a :class:`FittedGalaxy`
@@ -142,7 +143,8 @@ def _fit_packed(model, packed: list, options: MapOptions, batch_size: int, error
     without blocks; the images cost about two renders per galaxy, ~2 % of its fit).
 
     ``errors`` (None, a method name or :class:`ErrorRequest`) adds an :class:`ErrorEstimate`
-    to each group and, for a request with a ``covariance_dir``, writes ``<dir>/<id>.fits``."""
+    to each group and, for a request with a ``covariance_dir``, writes ``<dir>/<id>.fits``.
+    ``streams``: round drivers run at once (:func:`~galbayes.inference.map.fit_map`)."""
     from .batching import bucketed, group_by_shape, slot_count
 
     request = _error_request(errors)
@@ -150,7 +152,7 @@ def _fit_packed(model, packed: list, options: MapOptions, batch_size: int, error
     for items, padded in ((g, bucketed(g)) for g in group_by_shape(packed, buckets=True)):
         batch = Model.stack([g for _, g in padded])
         slots = slot_count(len(items), batch_size)   # a partial group: the next power of two
-        res = fit_map(model, batch, options=options, slots=slots, render=render)
+        res = fit_map(model, batch, options=options, slots=slots, render=render, streams=streams)
         est = _error_estimate(model, batch, res, request, options, batch_size=slots)
         for j, (gid, gal) in enumerate(items):
             if est is not None and request.covariance_dir:

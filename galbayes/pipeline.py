@@ -47,7 +47,7 @@ class FitOutput:
 
 def fit(model: Model, observations, *, init=None, bounds=None, options: MapOptions | None = None,
         batch_size: int | None = None, errors: str = "none", psf_type: str | None = None,
-        **option_kw) -> FitOutput:
+        streams: int | None = None, **option_kw) -> FitOutput:
     """Fit in-memory galaxies (MAP: SVI + optax, LM polish).
 
     Parameters
@@ -71,6 +71,10 @@ def fit(model: Model, observations, *, init=None, bounds=None, options: MapOptio
     psf_type : {"effective", "optical"}, optional
         PSF kind for galaxies whose Observation does not give one (overrides the model's;
         default "effective", see :mod:`galbayes.psf`).
+    streams : int, optional
+        Round drivers run at once on a CPU (default
+        :func:`~galbayes.inference.map.default_streams`: its cores; see
+        :func:`~galbayes.inference.map.fit_map`). The results depend on it only at float32 rounding.
     """
     _error_method(errors)
     if psf_type is not None:   # a shallow copy: the caller's model keeps its own setting
@@ -106,7 +110,7 @@ def fit(model: Model, observations, *, init=None, bounds=None, options: MapOptio
         packed.append((gid, gal))
         by_id[gid] = obs
     batch_size = batch_size or default_batch_size()
-    for f in _fit_packed(model, packed, opts, batch_size, errors=errors):
+    for f in _fit_packed(model, packed, opts, batch_size, errors=errors, streams=streams):
         rows[f.gid] = _input_notes(_result_row(model, f), by_id[f.gid])
         out.galaxies[f.gid] = f.gal
         out.values[f.gid] = f.fit.values[f.j]
@@ -119,7 +123,7 @@ def fit(model: Model, observations, *, init=None, bounds=None, options: MapOptio
 def fit_catalog(catalog, model: Model, out_dir, *, options: MapOptions | None = None,
                 batch_size: int | None = None, chunk_size: int | None = None, blocks: bool = True,
                 progress: bool = True, resume: bool = False, shard_size: int | None = None,
-                dask=None, errors: str = "none", **option_kw):
+                dask=None, errors: str = "none", streams: int | None = None, **option_kw):
     """Fit every galaxy of a catalog file and write the results into ``out_dir``.
 
     Parameters
@@ -148,6 +152,10 @@ def fit_catalog(catalog, model: Model, out_dir, *, options: MapOptions | None = 
         Error bars (see :func:`fit`): ``<key>_err`` columns, and the free-parameter
         covariance of each galaxy in ``out_dir/covariance/<id>.fits`` (header ``PARi`` =
         parameter names, ``FLAG``).
+    streams : int, optional
+        Round drivers run at once in this process (default: the CPU cores, 1 on an
+        accelerator; 1 in each Dask worker unless given; see
+        :func:`~galbayes.inference.map.fit_map`). The results depend on it only at float32 rounding.
 
     ``out_dir/run.json`` records the catalog and recipe paths (for ``galbayes sample``).
 
@@ -173,7 +181,7 @@ def fit_catalog(catalog, model: Model, out_dir, *, options: MapOptions | None = 
     before, t0 = {**stats.snapshot(), **traced.totals()}, time.perf_counter()
     table = run_catalog(catalog, model, out_dir, options=opts, batch_size=batch_size,
                         shard_size=shard_size or chunk_size, blocks=blocks, progress=progress,
-                        resume=resume, dask=dask, errors=request)
+                        resume=resume, dask=dask, errors=request, streams=streams)
     after = {**stats.snapshot(), **traced.totals()}
     timing = {"wall_s": round(time.perf_counter() - t0, 3), "cache_dir": str(cache.cache_dir() or ""),
               **{k: round(after[k] - before[k], 3) for k in after}}

@@ -101,7 +101,7 @@ from .catalog import CatalogError, open_catalog
 from .devices import use_devices
 from .errors import OptionsError, OutputError, ResumeError  # defined there, importable from here as before
 from .fitting import _fit_packed, _input_notes, _load_chunk, _result_row, _write_blocks
-from .inference.map import MapOptions
+from .inference.map import MapOptions, default_streams
 from .model import describe_model
 from .results import _fsync_dir, atomic_write, fits_text, make_table
 from .status import fit_failed, input_error, is_clean
@@ -598,6 +598,7 @@ class ShardJob:
     out_dir: str
     run_id: str
     devices: object = None
+    streams: int | None = None     # round drivers at once (fit_map); None: the default
 
 
 _MODELS: dict = {}
@@ -647,7 +648,8 @@ def _batches(packed: list, batch_size: int):
 def _fit_batch(model, items, job: ShardJob):
     """Fit one batch; if that raises, fit its galaxies one by one. Returns (fitted, failed)."""
     try:
-        return list(_fit_packed(model, items, job.options, job.batch_size, errors=job.errors)), {}
+        return list(_fit_packed(model, items, job.options, job.batch_size, errors=job.errors,
+                                streams=job.streams)), {}
     except Exception as exc:  # noqa: BLE001
         if len(items) == 1:
             return [], {items[0][0]: _fail_message(exc)}
@@ -656,7 +658,8 @@ def _fit_batch(model, items, job: ShardJob):
     fitted, failed = [], {}
     for item in items:
         try:
-            fitted.extend(_fit_packed(model, [item], job.options, job.batch_size, errors=job.errors))
+            fitted.extend(_fit_packed(model, [item], job.options, job.batch_size, errors=job.errors,
+                                      streams=job.streams))
         except Exception as exc:  # noqa: BLE001
             failed[item[0]] = _fail_message(exc)
     return fitted, failed
@@ -1051,7 +1054,7 @@ def _clear_run(out_dir: Path):
 def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, batch_size: int = 64,
                 shard_size: int | None = None, blocks: bool = True, progress: bool = True,
                 resume: bool = False, dask=None, dask_retries: int = 3, prefetch: bool = True,
-                devices=None, errors=None, return_table: bool = True):
+                devices=None, errors=None, return_table: bool = True, streams: int | None = None):
     """Fit every galaxy of a catalog, durably, shard by shard (see the module docstring).
 
     Parameters
@@ -1088,6 +1091,13 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
         Passed to :func:`galbayes.results.make_table` (uncertainty columns) when not None.
     return_table : bool
         Return the results table (read back from the shard files).
+    streams : int, optional
+        Round drivers run at once per process (:func:`galbayes.inference.map.fit_map`;
+        default its :func:`~galbayes.inference.map.default_streams` locally and 1 in each
+        Dask worker, whose processes are the parallelism there). Not part of the run's
+        fingerprint: the results depend on it only at float32 rounding. The count used is
+        recorded in the manifest, and a resumed run without ``streams`` uses it again (same
+        bytes as an uninterrupted run; another count gives the same fits, not the same bytes).
 
     Returns
     -------
@@ -1096,6 +1106,8 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
     options = options or MapOptions()
     if batch_size < 1:
         raise OptionsError(f"batch_size must be >= 1, got {batch_size}")
+    if streams is not None and int(streams) < 1:
+        raise OptionsError(f"streams must be >= 1, got {streams}")
     shard_size = int(shard_size or 8 * batch_size)
     if shard_size < 1:
         raise OptionsError(f"shard_size must be >= 1, got {shard_size}")
@@ -1133,9 +1145,13 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
                 _rewrite_journal(journal_path, done)  # drops damaged lines, ends on a newline
             else:
                 _clear_run(out_dir)
+            # streams: the count asked for, else the one the resumed run used, else the default
+            # (a galaxy's fit depends on it at float32 rounding: same count, same bytes)
+            if streams is None:
+                streams = (old or {}).get("streams") or (1 if dask is not None else default_streams())
             manifest = {"galbayes_run": _FORMAT, "run_id": run_id, "fingerprint": fp, "n_rows": n_rows,
                         "shard_size": shard_size, "n_shards": n_shards, "complete": False,
-                        "journal": JOURNAL_NAME}
+                        "journal": JOURNAL_NAME, "streams": int(streams)}
             _write_json(manifest_path, manifest)
 
             bar = None
@@ -1151,7 +1167,8 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
 
             todo = [k for k in range(n_shards) if k not in done]
             job = ShardJob(model=model, model_key=fp["hashes"]["recipe"], options=options, batch_size=batch_size,
-                           blocks=blocks, errors=errors, out_dir=str(out_dir), run_id=run_id, devices=devices)
+                           blocks=blocks, errors=errors, out_dir=str(out_dir), run_id=run_id, devices=devices,
+                           streams=int(streams))
             try:
                 if dask is None:
                     _run_local(job, model, todo, cat.shard, record, prefetch, stop)

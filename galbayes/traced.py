@@ -52,6 +52,7 @@ __all__ = ["TracedProgram", "canon", "host_signature", "source_digest", "traced_
 
 FORMAT = 2
 _lock = threading.Lock()
+_memo_lock = threading.RLock()
 _totals = {"traced_stored": 0, "traced_loaded": 0}
 
 
@@ -256,13 +257,14 @@ class TracedProgram:
             return None
         sig = (kind, str(in_tree), tuple((tuple(np.shape(x)), str(x.dtype) if hasattr(x, "dtype")
                                           else str(np.asarray(x).dtype)) for x in leaves))
-        if sig not in self._by_shape:
-            try:
-                self._by_shape[sig] = build(folder, sig)
-            except Exception as exc:  # noqa: BLE001  (any failure: trace as before)
-                warn_once(f"galbayes could not use {what} ({type(exc).__name__}: {exc}); tracing instead")
-                self._by_shape[sig] = None
-        return self._by_shape[sig]
+        with _memo_lock:       # fit streams (threads) share a program: build it once
+            if sig not in self._by_shape:
+                try:
+                    self._by_shape[sig] = build(folder, sig)
+                except Exception as exc:  # noqa: BLE001  (any failure: trace as before)
+                    warn_once(f"galbayes could not use {what} ({type(exc).__name__}: {exc}); tracing instead")
+                    self._by_shape[sig] = None
+            return self._by_shape[sig]
 
     def _shapes(self, folder: Path, sig, fn, args):
         import jax

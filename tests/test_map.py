@@ -358,3 +358,42 @@ def test_rounds_with_refill_equal_one_pass_per_galaxy(model, general, capped):
     np.testing.assert_allclose(res.chi2, ref[1], rtol=1e-6)
     # and the pipeline's default (8 slots, one round program) agrees with both
     np.testing.assert_allclose(_values(capped, [m.obs.id for m in mocks]), res.values, rtol=1e-4, atol=1e-6)
+
+
+def test_streams_split_the_galaxies_and_keep_their_answers(model, general, monkeypatch):
+    """fit_map(streams=3): three round drivers in threads, each on an interleaved share of
+    the galaxies through its own slots; every galaxy's step counts are those of one driver
+    and its answer the same to float rounding (the slot it runs in changes, as with refill)."""
+    import threading
+
+    from galbayes.errors import OptionsError
+    from galbayes.inference import map as map_module
+    from galbayes.model import Model
+
+    batch = Model.stack([model.pack(m.obs, m.init) for m in general[:BATCH]])
+    opts = map_module.MapOptions(**BUDGET)
+    one = map_module.fit_map(model, batch, options=opts, slots=2, round_iter=2, streams=1)
+    calls = []
+    real = map_module._run_rounds
+
+    def spy(model_, opts_, part, keys, *args):
+        calls.append((threading.current_thread().name, int(part.image.shape[0])))
+        return real(model_, opts_, part, keys, *args)
+    monkeypatch.setattr(map_module, "_run_rounds", spy)
+    three = map_module.fit_map(model, batch, options=opts, slots=2, round_iter=2, streams=3)
+    assert sorted(n for _, n in calls) == sorted(len(range(j, BATCH, 3)) for j in range(3)), calls
+    assert len({name for name, _ in calls}) == 3 and all("galbayes-stream" in name for name, _ in calls), calls
+    np.testing.assert_array_equal(three.n_svi, one.n_svi)
+    np.testing.assert_array_equal(three.n_lm, one.n_lm)
+    np.testing.assert_array_equal(three.converged, one.converged)
+    angle = np.array([e.spec.angle for e in model.entries])
+    np.testing.assert_allclose(three.values[:, ~angle], one.values[:, ~angle], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(three.values[:, angle], one.values[:, angle], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(three.chi2, one.chi2, rtol=1e-6)
+    # more streams than full sets of slots: as many as there are (here BATCH / 2)
+    calls.clear()
+    map_module.fit_map(model, batch, options=opts, slots=2, round_iter=2, streams=64)
+    assert len(calls) == BATCH // 2, calls
+    with pytest.raises(OptionsError, match="streams"):
+        map_module.fit_map(model, batch, options=opts, slots=2, streams=0)
+    assert 1 <= map_module.default_streams() <= 8

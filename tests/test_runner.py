@@ -198,6 +198,33 @@ def test_resume_skips_finished_shards_and_refits_damaged_ones(tmp_path, monkeypa
     assert sorted(counter.shards) == [0, 1, 2]
 
 
+def test_streams_recorded_and_reused_on_resume(tmp_path, monkeypatch):
+    """The stream count a run used is in its manifest; a resume that does not give one uses
+    it again (a galaxy's fit depends on it at float32 rounding: same count, same bytes)."""
+    from galbayes.inference.map import default_streams
+
+    cat = write_catalog(tmp_path, 12)  # shards of 8, 4
+    out = tmp_path / "out"
+    run(cat, out)
+    assert json.loads((out / "manifest.json").read_text())["streams"] == default_streams()
+    run(cat, out, streams=3)
+    assert json.loads((out / "manifest.json").read_text())["streams"] == 3
+    used = []
+    orig = runner._finish_shard
+
+    def spy(model, job, k, rows, loaded, **kw):
+        used.append(job.streams)
+        return orig(model, job, k, rows, loaded, **kw)
+    monkeypatch.setattr(runner, "_finish_shard", spy)
+    (out / "shards" / "shard_00001.fits").write_bytes(b"damaged")
+    with pytest.warns(RuntimeWarning, match="shard 1"):
+        run(cat, out, resume=True)
+    assert used == [3]
+    assert json.loads((out / "manifest.json").read_text())["streams"] == 3
+    with pytest.raises(runner.OptionsError, match="streams"):
+        run(cat, tmp_path / "out2", streams=0)
+
+
 def test_resume_refused_when_inputs_changed(tmp_path):
     cat = write_catalog(tmp_path, 8)
     out = tmp_path / "out"

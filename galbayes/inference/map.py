@@ -35,6 +35,7 @@ Stages
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -897,8 +898,54 @@ def precompile(model: Model, batch: GalaxyArrays, *, options: MapOptions | None 
     return time.perf_counter() - t0
 
 
+def default_streams() -> int:
+    """Round drivers a fit runs at once (:func:`fit_map`'s ``streams``): the CPU cores this
+    process may use (at most 8) on a CPU, 1 on an accelerator.
+
+    XLA runs one program call on about one core of a CPU (measured: 113 % CPU for a warm
+    catalog run on 2 cores), and a round driver waits on each call; two drivers on two
+    cores fit 1.4× as many galaxies per second (``benchmarks/README.md``). A GPU is kept busy
+    by large batches instead.
+    """
+    if jax.default_backend() != "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _streamed(run, n: int, n_slots: int, streams: int | None):
+    """``run(idx)`` for ``streams`` interleaved parts of ``range(n)`` at once (threads: the
+    program calls release the GIL), merged back in galaxy order; one part when there is a
+    mesh of several devices, or fewer than two full sets of slots."""
+    from ..devices import active_mesh
+
+    k = default_streams() if streams is None else int(streams)
+    if k < 1:
+        raise OptionsError(f"streams must be >= 1, got {streams}")
+    k = 1 if active_mesh() is not None else max(1, min(k, n // max(n_slots, 1)))
+    if k == 1:
+        return run(np.arange(n))
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = [np.arange(j, n, k) for j in range(k)]
+    with ThreadPoolExecutor(max_workers=k, thread_name_prefix="galbayes-stream") as pool:
+        outs = list(pool.map(run, parts))
+
+    def merge(*leaves):
+        first = np.asarray(leaves[0])
+        full = np.empty((n,) + first.shape[1:], first.dtype)
+        for idx, leaf in zip(parts, leaves):
+            full[idx] = np.asarray(leaf)
+        return full
+    return jax.tree_util.tree_map(merge, *outs)
+
+
 def fit_map(model: Model, batch: GalaxyArrays, *, options: MapOptions | None = None, slots: int | None = None,
-            render: bool = False, round_iter: int = ROUND_ITER, **kwargs) -> MapResult:
+            render: bool = False, round_iter: int = ROUND_ITER, streams: int | None = None,
+            **kwargs) -> MapResult:
     """Fit galaxies: SVI + optax, then LM polish, in one jitted program run in rounds.
 
     Parameters
@@ -920,6 +967,11 @@ def fit_map(model: Model, batch: GalaxyArrays, *, options: MapOptions | None = N
         (``MapResult.images``, ``MapResult.components``), computed in the same program.
     round_iter : int
         Iterations per round (:data:`ROUND_ITER`).
+    streams : int, optional
+        Round drivers run at once, each on an interleaved share of the galaxies through its
+        own ``slots`` (threads calling the same compiled program; default
+        :func:`default_streams`: the CPU cores, 1 on an accelerator or a mesh of several
+        devices). A galaxy's answer depends on it only as on its slot: to float32 rounding.
 
     Returns
     -------
@@ -936,7 +988,13 @@ def fit_map(model: Model, batch: GalaxyArrays, *, options: MapOptions | None = N
     # Under galbayes.devices.use_devices() the slots are a multiple of the device count and
     # split over the galaxy axis: each device runs the program on its own block of slots.
     n_slots = padded_to_devices(slot_count(n, slots or n), n_devices(active_mesh()))
-    out = _run_rounds(model, opts, batch, keys, n_slots, round_iter, render)
+    keys = np.asarray(keys)
+    _compiled(model, opts, round_iter, render)         # built once, before any stream thread
+
+    def run(idx):
+        part = batch if idx.size == n else jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], batch)
+        return _run_rounds(model, opts, part, keys[idx], n_slots, round_iter, render)
+    out = _streamed(run, n, n_slots, streams)
     values, c2, ll, n_svi, n_lm, done, flat, gn = out[:8]
     values = np.asarray(values, dtype=np.float64)
     finite = np.all(np.isfinite(values), axis=1) & np.isfinite(np.asarray(c2))
