@@ -390,10 +390,14 @@ def test_streams_split_the_galaxies_and_keep_their_answers(model, general, monke
     np.testing.assert_allclose(three.values[:, ~angle], one.values[:, ~angle], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(three.values[:, angle], one.values[:, angle], rtol=0, atol=1e-4)
     np.testing.assert_allclose(three.chi2, one.chi2, rtol=1e-6)
-    # more streams than full sets of slots: as many as there are (here BATCH / 2)
+    # more streams than sets of slots: one per set begun (here BATCH / 2)
     calls.clear()
     map_module.fit_map(model, batch, options=opts, slots=2, round_iter=2, streams=64)
     assert len(calls) == BATCH // 2, calls
+    calls.clear()
+    part = jax.tree_util.tree_map(lambda a: a[:5], batch)      # 5 galaxies, 2 slots: 3 streams
+    map_module.fit_map(model, part, options=opts, slots=2, round_iter=2, streams=8)
+    assert sorted(n for _, n in calls) == [1, 2, 2], calls
     with pytest.raises(OptionsError, match="streams"):
         map_module.fit_map(model, batch, options=opts, slots=2, streams=0)
     assert 1 <= map_module.default_streams() <= 8
