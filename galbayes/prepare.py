@@ -372,14 +372,9 @@ def outshine_masks(data, segmap, target: int, est: dict, *, mask, bad, rms: floa
         if not w.sum() > 0:
             out[win] |= own
             continue
-        xw, yw = x[win], y[win]
-        cx, cy = (w * xw).sum() / w.sum(), (w * yw).sum() / w.sum()
-        dx, dy = xw - cx, yw - cy
-        cov = np.array([[(w * dx * dx).sum(), (w * dx * dy).sum()],
-                        [(w * dx * dy).sum(), (w * dy * dy).sum()]]) / w.sum()
-        evals, evecs = np.linalg.eigh(cov)
+        cx, cy, evals, _, theta = _light_moments(w, x[win], y[win])
         q = float(np.clip(math.sqrt(max(evals[0], 1e-6) / max(evals[1], 1e-6)), 0.2, 1.0))
-        pa = math.degrees(math.atan2(evecs[1, 1], evecs[0, 1])) - 90.0
+        pa = theta - 90.0
         n_model = np.clip(_elliptical_median(rest[win], skip, cx - bx0, cy - by0, pa, q, rms=rms), 0, None)
         t_win = t_model[win]
         dilated = np.zeros(own.shape, bool)
@@ -403,6 +398,18 @@ def _pick_target(seg, x, y, max_offset):
 
 
 # --------------------------------------------------------------------------- estimates
+def _light_moments(w, x, y):
+    """First and second moments of the light ``w`` (total > 0) on the grid ``x, y``:
+    ``(xc, yc, evals, evecs, theta)``, the covariance's eigenvalues (ascending) and vectors,
+    and ``theta`` the major axis' angle from +x in degrees."""
+    tot = w.sum()
+    xc, yc = (w * x).sum() / tot, (w * y).sum() / tot
+    dx, dy = x - xc, y - yc
+    cov = np.array([[(w * dx * dx).sum(), (w * dx * dy).sum()], [(w * dx * dy).sum(), (w * dy * dy).sum()]]) / tot
+    evals, evecs = np.linalg.eigh(cov)
+    return xc, yc, evals, evecs, math.degrees(math.atan2(evecs[1, 1], evecs[0, 1]))
+
+
 def _ellipse_r(x, y, xc, yc, pa, q):
     th = math.radians(pa + 90.0)
     dx, dy = x - xc, y - yc
@@ -490,18 +497,13 @@ def measure_target(data, seg, target: int, *, sigma, mask, psf=None, zp: float =
     y, x = np.mgrid[:ny, :nx].astype(np.float64)
     own = seg == target
     w = np.where(own & ~mask, np.clip(data, 0, None), 0.0)
-    tot = w.sum()
-    if not tot > 0:
+    if not w.sum() > 0:
         raise InputError("the target's segment holds no positive flux", what="detection")
-    xc, yc = (w * x).sum() / tot, (w * y).sum() / tot
-    # second moments of the segment's light → shape (PSF moments removed)
-    dx, dy = x - xc, y - yc
-    cov = np.array([[(w * dx * dx).sum(), (w * dx * dy).sum()], [(w * dx * dy).sum(), (w * dy * dy).sum()]]) / tot
-    evals, evecs = np.linalg.eigh(cov)
+    # moments of the segment's light → centre and shape (PSF moments removed)
+    xc, yc, evals, _, theta = _light_moments(w, x, y)
     s2psf = (psf_fwhm(psf) / 2.3548) ** 2
     lam = np.maximum(evals - s2psf, 0.1 * evals)
     q = float(np.clip(math.sqrt(max(lam[0], 1e-6) / max(lam[1], 1e-6)), 0.1, 1.0))
-    theta = math.degrees(math.atan2(evecs[1, 1], evecs[0, 1]))      # major axis from +x
     pa = wrap_angle(theta - 90.0)                                    # from +y, in [-90, 90)
     # windowed centroid of the filled image
     radius = max(2.0 * psf_fwhm(psf), 0.5 * math.sqrt(own.sum() / math.pi), 3.0)
