@@ -101,7 +101,7 @@ from .catalog import CatalogError, open_catalog
 from .devices import use_devices
 from .errors import OptionsError, OutputError, ResumeError  # defined there, importable from here as before
 from .fitting import _fit_packed, _input_notes, _load_chunk, _result_row, _write_blocks
-from .inference.map import MapOptions, default_streams
+from .inference.map import MapOptions, check_streams, default_streams
 from .model import describe_model
 from .results import _fsync_dir, atomic_write, fits_text, make_table
 from .status import fit_failed, input_error, is_clean
@@ -1106,8 +1106,8 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
     options = options or MapOptions()
     if batch_size < 1:
         raise OptionsError(f"batch_size must be >= 1, got {batch_size}")
-    if streams is not None and int(streams) < 1:
-        raise OptionsError(f"streams must be >= 1, got {streams}")
+    if streams is not None:
+        streams = check_streams(streams)
     shard_size = int(shard_size or 8 * batch_size)
     if shard_size < 1:
         raise OptionsError(f"shard_size must be >= 1, got {shard_size}")

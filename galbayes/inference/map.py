@@ -916,6 +916,14 @@ def default_streams() -> int:
     return max(1, min(cores, 8))
 
 
+def check_streams(streams) -> int:
+    """``streams`` as an int (:func:`default_streams` for None); OptionsError below 1."""
+    k = default_streams() if streams is None else int(streams)
+    if k < 1:
+        raise OptionsError(f"streams must be >= 1, got {streams}")
+    return k
+
+
 def _streamed(run, n: int, n_slots: int, streams: int | None):
     """``run(idx)`` for ``streams`` interleaved parts of ``range(n)`` at once (threads: the
     program calls release the GIL), merged back in galaxy order; at most one part per set of
@@ -924,9 +932,7 @@ def _streamed(run, n: int, n_slots: int, streams: int | None):
     several devices."""
     from ..devices import active_mesh
 
-    k = default_streams() if streams is None else int(streams)
-    if k < 1:
-        raise OptionsError(f"streams must be >= 1, got {streams}")
+    k = check_streams(streams)
     k = 1 if active_mesh() is not None else max(1, min(k, -(-n // max(n_slots, 1))))
     if k == 1:
         return run(np.arange(n))
