@@ -91,7 +91,7 @@ def test_bad_options_are_options_errors_with_their_old_messages():
     _raises(OptionsError, f"errors must be one of {ERROR_METHODS}, got 'hessian'", _error_method, "hessian")
     _raises(OptionsError, f"unknown likelihood 'poisson'; choose one of {LIKELIHOODS}", check_likelihood,
             "poisson")
-    assert _error_method(None) == "none" and MapOptions().max_iter == 25  # good values still pass
+    assert _error_method(None) == "none" and MapOptions().max_iter == 10  # good values still pass
 
 
 def test_run_catalog_sizes_are_options_errors(tmp_path):
