@@ -26,7 +26,7 @@ def _map_args(p):
     p.add_argument("--batch-size", type=int, default=None,
                    help="galaxies per jitted batch (default 8 on CPU, 256 on GPU)")
     p.add_argument("--max-iter", type=int, default=None, help="cap on SVI steps per galaxy (default 10; 0 = LM only)")
-    p.add_argument("--lm-iter", type=int, default=None, help="cap on Levenberg-Marquardt polish steps (default 50)")
+    p.add_argument("--lm-iter", type=int, default=None, help="cap on Levenberg-Marquardt polish steps (default 100)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="optax optimizer for SVI (default adam)")
     p.add_argument("--learning-rate", type=float, default=None, help="SVI step size (default 0.02)")
     p.add_argument("--polish", choices=list(POLISH_METHODS), default=None,

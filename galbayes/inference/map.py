@@ -95,7 +95,10 @@ class MapOptions:
     polish : {"lm", "none"}
         Second-order polish after SVI.
     lm_iter : int
-        Cap on Levenberg–Marquardt steps.
+        Cap on Levenberg–Marquardt steps (default 100). Most fits need 3–20; a few galaxies
+        with a long, narrow χ² valley (small, high-n, flat ones) need ~50 (one of 256 mocks in
+        benchmarks/bench_throughput.py: 52 steps). A galaxy only iterates as long as it needs,
+        and a finished one hands its slot on, so a higher cap costs only those galaxies' time.
     lm_ftol : float
         LM has converged when the undamped Gauss–Newton step predicts a gain below this in
         χ²/2 (i.e. χ² is within 2·lm_ftol of the minimum of its quadratic model).
@@ -109,7 +112,7 @@ class MapOptions:
     patience: int = 5
     ftol: float = 0.05
     polish: str = "lm"
-    lm_iter: int = 50
+    lm_iter: int = 100
     lm_ftol: float = 1e-3
     seed: int = 0
 
