@@ -21,16 +21,21 @@ __all__ = ["main"]
 
 
 def _map_args(p):
-    from .inference.map import OPTIMIZERS, POLISH_METHODS
+    from .inference.map import OPTIMIZERS, POLISH_METHODS, MapOptions
+
+    d = MapOptions()      # the defaults the help texts quote
 
     p.add_argument("--batch-size", type=int, default=None,
                    help="galaxies per jitted batch (default 8 on CPU, 256 on GPU)")
-    p.add_argument("--max-iter", type=int, default=None, help="cap on SVI steps per galaxy (default 10; 0 = LM only)")
-    p.add_argument("--lm-iter", type=int, default=None, help="cap on Levenberg-Marquardt polish steps (default 100)")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="optax optimizer for SVI (default adam)")
-    p.add_argument("--learning-rate", type=float, default=None, help="SVI step size (default 0.02)")
+    p.add_argument("--max-iter", type=int, default=None,
+                   help=f"cap on SVI steps per galaxy (default {d.max_iter}; 0 = LM only)")
+    p.add_argument("--lm-iter", type=int, default=None,
+                   help=f"cap on Levenberg-Marquardt polish steps (default {d.lm_iter})")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None,
+                   help=f"optax optimizer for SVI (default {d.optimizer})")
+    p.add_argument("--learning-rate", type=float, default=None, help=f"SVI step size (default {d.learning_rate})")
     p.add_argument("--polish", choices=list(POLISH_METHODS), default=None,
-                   help="second-order polish after SVI (default lm)")
+                   help=f"second-order polish after SVI (default {d.polish})")
     p.add_argument("--seed", type=int, default=None)
 
 
