@@ -240,7 +240,8 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out (refused if catalog, recipe or options changed)")
     p.add_argument("--shard-size", type=int, default=None,
-                   help="catalog rows per durable shard file (default 8 x batch size)")
+                   help="catalog rows per durable shard file (default 8 x batch size, at least 256 without "
+                        "--dask; --resume keeps the run's)")
     p.add_argument("--dask", default=None, metavar="ADDRESS|local:N",
                    help="fit shards on a Dask cluster: scheduler address, or local:N worker processes")
     p.add_argument("--streams", type=int, default=None, metavar="N",

@@ -144,7 +144,8 @@ def fit_catalog(catalog, model: Model, out_dir, *, options: MapOptions | None = 
         Continue an interrupted run in ``out_dir`` (refused if the catalog, recipe or
         options changed).
     shard_size : int, optional
-        Catalog rows per durable shard (default ``8 × batch_size``); the next shard's
+        Catalog rows per durable shard (default ``8 × batch_size``, at least 256 without
+        ``dask``: :func:`galbayes.runner.default_shard_size`); the next shard's
         images are read on a background thread while this one is fitted.
     dask : str or distributed.Client, optional
         Fit the shards on a Dask cluster: a scheduler address or ``"local:N"``.

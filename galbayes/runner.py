@@ -1,9 +1,10 @@
 """Durable, sharded catalog runs: local (one or several devices) or on a Dask cluster.
 
 A catalog of N rows is cut into *shards* of ``shard_size`` consecutive rows (default
-``8 × batch_size``). Each shard is loaded, fitted (in batches, grouped by image/PSF shape,
-exactly as :func:`galbayes.pipeline.fit_catalog` always did) and written atomically
-(temporary file, fsync, rename) to ``out_dir/shards/shard_00012.fits``: one result row per
+``8 × batch_size``, at least 256 in a local run: :func:`default_shard_size`). Each shard is
+loaded, fitted (in batches, grouped by image/PSF shape, exactly as
+:func:`galbayes.pipeline.fit_catalog` always did) and written atomically (temporary file,
+fsync, rename) to ``out_dir/shards/shard_00012.fits``: one result row per
 catalog row of the shard, plus the image blocks ``out_dir/blocks/<id>.fits``. The run's
 manifest ``out_dir/manifest.json`` (fingerprint, shard layout) is written atomically when the
 run starts and ends; each finished shard is committed by appending one checksummed JSON line
@@ -109,9 +110,12 @@ from .traced import canon
 
 __all__ = ["run_catalog", "ResumeError", "OutputError", "RunInterrupted", "EXIT_INTERRUPTED",
            "run_fingerprint", "describe_model", "shard_path", "read_manifest", "MANIFEST_NAME",
-           "JOURNAL_NAME", "SHARD_DIR"]
+           "JOURNAL_NAME", "SHARD_DIR", "default_shard_size", "MIN_SHARD_ROWS"]
 
 MANIFEST_NAME = "manifest.json"
+#: The fewest rows of a default shard in a local run (:func:`default_shard_size`): with 64, a
+#: catalog of 256 galaxies of 64²–192² fitted 1.17× slower (in-process, warm; benchmarks/README.md).
+MIN_SHARD_ROWS = 256
 JOURNAL_NAME = "manifest.jsonl"
 SHARD_DIR = "shards"
 LOCK_NAME = ".galbayes.lock"
@@ -265,6 +269,31 @@ def _read_manifest_file(out_dir) -> dict | None:
         raise ResumeError(f"{path}: cannot read the run manifest ({exc}); delete it (and "
                           f"{Path(out_dir) / SHARD_DIR}) or run without resume to start afresh") from None
     return man
+
+
+def _recorded_shard_size(out_dir) -> int | None:
+    """The shard size recorded in ``out_dir``'s manifest (None without a readable one; an
+    unreadable manifest is reported later, where a resumed run reads it under the lock)."""
+    try:
+        man = _read_manifest_file(out_dir)
+    except ResumeError:
+        return None
+    size = (man or {}).get("shard_size")
+    return int(size) if isinstance(size, int) and size >= 1 else None
+
+
+def default_shard_size(batch_size: int, *, dask: bool = False) -> int:
+    """Rows per shard when none is given: ``8 × batch_size``, and at least
+    :data:`MIN_SHARD_ROWS` in a local run.
+
+    A shard's galaxies are fitted in groups of one stamp-shape bucket each
+    (:func:`galbayes.batching.group_by_shape`); in a catalog of mixed stamp sizes a small
+    shard gives small groups, whose slots idle while each group's slowest galaxy finishes. A
+    Dask run keeps ``8 × batch_size``: there a shard is a task, and more tasks keep more
+    workers busy.
+    """
+    rows = 8 * int(batch_size)
+    return rows if dask else max(rows, MIN_SHARD_ROWS)
 
 
 def read_manifest(out_dir) -> dict | None:
@@ -1069,7 +1098,9 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
     batch_size : int
         Galaxies per jitted batch.
     shard_size : int, optional
-        Consecutive catalog rows per shard (default ``8 × batch_size``).
+        Consecutive catalog rows per shard (default :func:`default_shard_size`: ``8 ×
+        batch_size``, at least :data:`MIN_SHARD_ROWS` without ``dask``; a resumed run without
+        ``shard_size`` keeps the one its manifest records).
     blocks : bool
         Write the image blocks.
     progress : bool
@@ -1108,7 +1139,9 @@ def run_catalog(catalog, model, out_dir, *, options: MapOptions | None = None, b
         raise OptionsError(f"batch_size must be >= 1, got {batch_size}")
     if streams is not None:
         streams = check_streams(streams)
-    shard_size = int(shard_size or 8 * batch_size)
+    if shard_size is None and resume:   # a resumed run keeps the layout it was started with
+        shard_size = _recorded_shard_size(out_dir)
+    shard_size = int(shard_size or default_shard_size(batch_size, dask=dask is not None))
     if shard_size < 1:
         raise OptionsError(f"shard_size must be >= 1, got {shard_size}")
     catalog = Path(catalog).resolve()

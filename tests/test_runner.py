@@ -225,7 +225,7 @@ def test_streams_recorded_and_reused_on_resume(tmp_path, monkeypatch):
         run(cat, tmp_path / "out2", streams=0)
 
 
-def test_resume_refused_when_inputs_changed(tmp_path):
+def test_resume_refused_when_inputs_changed(tmp_path, monkeypatch):
     cat = write_catalog(tmp_path, 8)
     out = tmp_path / "out"
     run(cat, out)
@@ -250,12 +250,23 @@ def test_resume_refused_when_inputs_changed(tmp_path):
         run(cat, out, resume=True, shard_size=4)
     # the unchanged run resumes (nothing to do) and the CLI reports a refusal as an error
     run(cat, out, resume=True)
+    # without a shard size, a resumed run keeps the recorded one (8), not the default (256)
+    counter = Counter(monkeypatch)
+    run(cat, out, resume=True, shard_size=None)
+    assert counter.shards == [] and runner.read_manifest(out)["shard_size"] == 8
     from galbayes.cli import main
 
     (tmp_path / "gauss.toml").write_text(MODEL_TOML)
     rc = main(["fit", str(cat), "--model", str(tmp_path / "gauss.toml"), "--out", str(out), "--resume",
                "--shard-size", "8", "--batch-size", str(BATCH), "--max-iter", "7", "--no-blocks", "--quiet"])
     assert rc == 2
+
+
+def test_default_shard_size():
+    """8 × batch_size, at least MIN_SHARD_ROWS (256) locally; a Dask run keeps 8 × batch_size."""
+    assert runner.MIN_SHARD_ROWS == 256
+    assert runner.default_shard_size(8) == 256 and runner.default_shard_size(256) == 2048
+    assert runner.default_shard_size(8, dask=True) == 64 and runner.default_shard_size(1, dask=True) == 8
 
 
 def test_out_dir_in_use_is_refused(tmp_path):
