@@ -113,12 +113,12 @@ __all__ = ["run_catalog", "ResumeError", "OutputError", "RunInterrupted", "EXIT_
            "JOURNAL_NAME", "SHARD_DIR", "default_shard_size", "MIN_SHARD_ROWS"]
 
 MANIFEST_NAME = "manifest.json"
-#: The fewest rows of a default shard in a local run (:func:`default_shard_size`): with 64, a
-#: catalog of 256 galaxies of 64²–192² fitted 1.17× slower (in-process, warm; benchmarks/README.md).
-MIN_SHARD_ROWS = 256
 JOURNAL_NAME = "manifest.jsonl"
 SHARD_DIR = "shards"
 LOCK_NAME = ".galbayes.lock"
+#: The fewest rows of a default shard in a local run (:func:`default_shard_size`): with 64, a
+#: catalog of 256 galaxies of 64²–192² fitted 1.17× slower (in-process, warm; benchmarks/README.md).
+MIN_SHARD_ROWS = 256
 _FORMAT = 2
 EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: stopped on request, finish with --resume
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
