@@ -98,13 +98,23 @@ def pixel_average(samples):
 
     The discrete Laplacian uses edge-replicated neighbours at the image border.
     """
-    # neighbours by slicing + concatenation (jnp.pad(mode="edge") is slow under vmap + jacfwd)
+    # The neighbour sums are 3-wide window sums (zero outside the image) minus the centre;
+    # at a border the missing neighbour is the centre itself (edge replication), so the
+    # border rows / columns take one ``a`` back. A window sum reads each sample three
+    # times, so XLA materialises the samples once instead of fusing (recomputing) the
+    # profile into each of five shifted copies (which it did on CPU for canvases ≤ 120²,
+    # 5-20x slower there; benchmarks/README.md "Throughput").
     a = samples
-    up = jnp.concatenate([a[..., :1, :], a[..., :-1, :]], axis=-2)
-    down = jnp.concatenate([a[..., 1:, :], a[..., -1:, :]], axis=-2)
-    left = jnp.concatenate([a[..., :, :1], a[..., :, :-1]], axis=-1)
-    right = jnp.concatenate([a[..., :, 1:], a[..., :, -1:]], axis=-1)
-    return a + (up + down + left + right - 4.0 * a) / 24.0
+    ny, nx = a.shape[-2:]
+    ones = (1,) * (a.ndim - 2)
+    zero = ((0, 0),) * (a.ndim - 2)
+    col = lax.reduce_window(a, 0.0, lax.add, ones + (3, 1), ones + (1, 1), zero + ((1, 1), (0, 0)))
+    row = lax.reduce_window(a, 0.0, lax.add, ones + (1, 3), ones + (1, 1), zero + ((0, 0), (1, 1)))
+    ey = np.zeros((ny, 1), np.float32)
+    ex = np.zeros((1, nx), np.float32)
+    ey[0] = ey[-1] = 1.0
+    ex[:, 0] = ex[:, -1] = 1.0
+    return a + (col + row - (6.0 - ey - ex) * a) / 24.0
 
 
 # Gauss-Legendre nodes on [0, 1] for the triangle-fan quadrature around a profile centre.

@@ -388,3 +388,52 @@ def test_boxy_isophotes():
     # the generalised radius: along the diagonal r = (2·6^(2+B))^(1/(2+B)) for B = 1
     r_diag = (2 * 6.0**3) ** (1 / 3)
     assert boxy[diag] / boxy[axis] == pytest.approx(math.exp(-(r_diag - 8.0) / 5.0), rel=5e-3)
+
+
+def test_pixel_average_is_exact_for_cubics_and_replicates_edges():
+    """``f + ∇²f/24`` is the exact pixel mean of a cubic polynomial (the mean of x³ over a
+    pixel is x³ + x/4, of x²y it is (x² + 1/12) y); at the border the missing neighbour is the
+    edge pixel itself. Leading batch axes, jvp and vjp as the fitters use it."""
+    import jax
+    import jax.numpy as jnp
+
+    from galbayes.geometry import pixel_average
+
+    y, x = np.mgrid[:11, :13].astype(np.float64)
+    x, y = (x - 6.0) / 6.0, (y - 5.0) / 5.0       # O(1) values: float32 rounding stays small
+
+    def f(x, y):
+        return 1.0 + 0.3 * x - 0.7 * y + 0.5 * x**2 - 0.2 * x * y + x**3 - 0.4 * x**2 * y + 0.6 * y**3
+
+    # exact means over [x ± 1/12, y ± 1/10] (a pixel in these scaled units), by Gauss-Legendre
+    u, w = np.polynomial.legendre.leggauss(4)
+    exact = sum(wi * wj * f(x + ui / 12.0, y + uj / 10.0) for ui, wi in zip(u, w) for uj, wj in zip(u, w)) / 4
+    samples = f(x, y)
+    # the stencil acts in pixel units: scale the exact correction the same way
+    got = np.asarray(pixel_average(jnp.asarray(samples, jnp.float32)))
+    sx, sy = 1 / 6.0, 1 / 5.0
+    lap = ((6 * x + 1.0 - 0.8 * y) * sx**2 + (3.6 * y) * sy**2)   # ∇²f in pixel units
+    np.testing.assert_allclose(exact, samples + lap / 24.0, atol=1e-12)
+    np.testing.assert_allclose(got[1:-1, 1:-1], exact[1:-1, 1:-1], atol=2e-6)
+
+    padded = np.pad(samples, 1, mode="edge")
+    ref = samples + (padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
+                     - 4 * samples) / 24.0
+    np.testing.assert_allclose(got, ref, atol=2e-6)
+
+    batch = np.stack([samples, 2 * samples - 1, samples**2])
+    out = np.asarray(pixel_average(jnp.asarray(batch, jnp.float32)))
+    vm = np.asarray(jax.vmap(pixel_average)(jnp.asarray(batch, jnp.float32)))
+    for k in range(3):
+        p = np.pad(batch[k], 1, mode="edge")
+        r = batch[k] + (p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * batch[k]) / 24.0
+        np.testing.assert_allclose(out[k], r, atol=1e-5)
+        np.testing.assert_allclose(vm[k], r, atol=1e-5)
+
+    # linear: the jvp is the map itself, the vjp its transpose (<Av, w> = <v, Aᵀw>)
+    rng = np.random.default_rng(0)
+    v, wt = (jnp.asarray(rng.normal(size=samples.shape), jnp.float32) for _ in range(2))
+    _, tangent = jax.jvp(pixel_average, (v,), (v,))
+    np.testing.assert_allclose(np.asarray(tangent), np.asarray(pixel_average(v)), atol=1e-6)
+    (cot,) = jax.vjp(pixel_average, v)[1](wt)
+    assert abs(float(jnp.vdot(pixel_average(v), wt)) - float(jnp.vdot(v, cot))) < 1e-3
