@@ -4,7 +4,7 @@ results), cold (empty compilation cache) and warm (cache filled), against Imfit'
 processes on the same galaxies in the same run.
 
     python benchmarks/bench_throughput.py [--n 256] [--n-large 2048] [--n-mixed 256]
-        [--imfit-n 256] [--workdir DIR] [--json FILE] [--no-imfit]
+        [--imfit-n 256] [--n-paper 8289] [--workdir DIR] [--json FILE] [--no-imfit]
 
 Figures:
 * cold and warm wall time of the n-galaxy run (gal/s including everything);
@@ -14,7 +14,10 @@ Figures:
 * a catalog of mixed stamp sizes (64²-192², uniformly drawn; 41² PSF), cold and warm, per
   galaxy against the uniform 128² run of the same size;
 * compilations (XLA programs built / loaded from the cache) and compile seconds, from the
-  run's run.json; peak RSS of each run (ru_maxrss of the fitting process);
+  run's run.json; peak RSS of each run (VmHWM of the fitting process);
+* with ``--n-paper N``: a cold run (its own empty cache) of N uniform mocks, N = 8289 being
+  the paper's catalog (without it, that figure is estimated from the cold overhead and the
+  steady rate);
 * the warm n-galaxy run with ``--streams 1`` (one fit loop; the default runs one per core);
 * Imfit (galbayes.reference.imfit_fit, pyimfit LM, one OpenMP thread per worker) on 2
   worker processes over the first ``--imfit-n`` galaxies of the uniform set, started from
@@ -38,10 +41,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+# Peak RSS of the fitting process: VmHWM (reset by exec), not ru_maxrss, which Linux carries
+# over exec from the forked parent (a bench holding 8,289 mocks made every run read 3.4 GB).
 RUNNER = ("import resource, sys\n"
           "from galbayes.cli import main\n"
           "rc = main(sys.argv[1:])\n"
-          "print('GALBAYES_MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n"
+          "try:\n"
+          "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+          "except (OSError, IndexError):\n"
+          "    hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+          "print('GALBAYES_MAXRSS_KB', hwm, flush=True)\n"
           "sys.exit(rc)\n")
 
 
@@ -124,6 +133,9 @@ def main(argv=None):
     ap.add_argument("--imfit-n", type=int, default=256, help="galaxies Imfit fits (0 / --no-imfit: skip)")
     ap.add_argument("--no-imfit", action="store_true")
     ap.add_argument("--no-cold-large", action="store_true", help="time the large run warm only")
+    ap.add_argument("--n-paper", type=int, default=0,
+                    help="also time a cold run (empty cache) of this many mocks: 8289 is the paper's "
+                         "catalog (0: skip, the 8,289 figure is then estimated from the rates)")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--workdir", default=None, help="folder for mocks, caches and outputs (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -147,7 +159,7 @@ def main(argv=None):
         report[name] = {**r, "load1": load()}
         print(f"{name}: {json.dumps(report[name])}", flush=True)
 
-    n_max = max(args.n, args.n_large)
+    n_max = max(args.n, args.n_large, args.n_paper)
     t0 = time.perf_counter()
     mocks = sersic_mocks(n_max, seed=args.seed)
     print(f"{n_max} mocks in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -172,6 +184,11 @@ def main(argv=None):
         report["overhead_cold_s"] = round(report["cold_small"]["wall_s"] - args.n / steady, 2)
         print(f"steady state {steady:.2f} gal/s; fixed overhead warm {report['overhead_warm_s']} s, "
               f"cold {report['overhead_cold_s']} s", flush=True)
+
+    if args.n_paper:
+        cat_paper = write_catalog(work / "paper", mocks[: args.n_paper])
+        log("cold_paper", run_cli(cat_paper, work / "out_cold_paper", work / "xla_paper"))
+        print(f"{args.n_paper} galaxies cold (measured): {report['cold_paper']['wall_s'] / 60:.1f} min", flush=True)
 
     if args.n_mixed:
         rng = np.random.default_rng(args.seed + 1)
