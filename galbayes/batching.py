@@ -5,6 +5,9 @@
 * :func:`pad_rows`: pad a pytree along its leading axis to a compiled size by repeating its
   last entry (the padding is dropped from the results).
 * :func:`group_by_shape`: galaxies that share (stamp, PSF) shapes are fitted together.
+* :func:`bucket_groups`: the groups of a catalog run, one per bucket; a group too small to
+  fill one batch joins the smallest larger bucket in use instead of compiling a program of
+  its own.
 * Buckets: every stamp and PSF size is rounded up to one of a few canonical sizes
   (:data:`BUCKET_SIZES`, ×1 or ×1.5 a power of two, so at most 1.5× per axis;
   :data:`PSF_BUCKET_SIZES` for PSFs), so that a
@@ -25,7 +28,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-__all__ = ["slot_count", "pad_rows", "group_by_shape", "BUCKET_SIZES", "PSF_BUCKET_SIZES", "bucket_size",
+__all__ = ["slot_count", "pad_rows", "group_by_shape", "bucket_groups", "BUCKET_SIZES", "PSF_BUCKET_SIZES", "bucket_size",
            "bucket_shapes", "to_bucket", "bucketed"]
 
 #: Canonical sizes of a stamp axis: 2^k and 1.5·2^k from 4 (up to 2^16).
@@ -67,6 +70,43 @@ def group_by_shape(packed, buckets: bool = False):
             key = bucket_shapes(*key)
         groups.setdefault(key, []).append((gid, gal))
     return list(groups.values())
+
+
+def bucket_groups(packed, *, min_group: int = 1, sizes=None, psf_sizes=None):
+    """``[(gid, GalaxyArrays)]`` → ``[((stamp shape, PSF shape), items)]``: the galaxies of
+    each (stamp, PSF) bucket (:func:`bucket_shapes`), in order of first appearance, each
+    group to be padded to its key (:func:`to_bucket`) and fitted through one program.
+
+    A group of fewer than ``min_group`` galaxies (the batch size: it would fill no batch and
+    compile, or load, a program of its own for a few galaxies) joins the other group whose
+    stamp and PSF buckets are at least as large on every axis and whose canvas (stamp + PSF)
+    is the smallest, if there is one;
+    smaller groups go first, so a chain of small groups ends in a group that can hold them.
+    The galaxies moved are padded further (zero-weight pixels, zeros around the PSF): their
+    fits are the same to float32 rounding.
+    """
+    sizes = BUCKET_SIZES if sizes is None else sizes
+    psf_sizes = PSF_BUCKET_SIZES if psf_sizes is None else psf_sizes
+    groups: dict = {}
+    for gid, gal in packed:
+        key = bucket_shapes(np.shape(gal.image), np.shape(gal.psf), sizes, psf_sizes)
+        groups.setdefault(key, []).append((gid, gal))
+
+    def extent(key):
+        return tuple(key[0]) + tuple(key[1])
+
+    def pixels(key):             # ~ the padded canvas (stamp + the PSF's half-size each side)
+        (ny, nx), (ky, kx) = key
+        return ((ny + ky - 1) * (nx + kx - 1), ny * nx)
+
+    for key in sorted(groups, key=pixels):
+        if len(groups[key]) >= int(min_group):
+            continue
+        hosts = [k for k in groups if k != key and all(a >= b for a, b in zip(extent(k), extent(key)))]
+        if hosts:
+            host = min(hosts, key=pixels)
+            groups[host].extend(groups.pop(key))
+    return list(groups.items())
 
 
 def bucket_size(n: int, sizes=BUCKET_SIZES) -> int:

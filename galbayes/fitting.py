@@ -135,7 +135,7 @@ def _write_covariance(model, gid, est: ErrorEstimate, j, directory) -> None:
 def _fit_packed(model, packed: list, options: MapOptions, batch_size: int, errors=None, render: bool = True,
                 streams: int | None = None):
     """Fit ``[(gid, GalaxyArrays)]`` grouped by stamp/PSF bucket (padded to it, see
-    :mod:`galbayes.batching`), each group through ``batch_size`` slots (a finished galaxy's
+    :func:`galbayes.batching.bucket_groups`), each group through ``batch_size`` slots (a finished galaxy's
     slot goes to the next waiting one, see :func:`fit_map`); yields a :class:`FittedGalaxy`
     per galaxy: its own (unpadded) arrays, the padded group, its row in the group's
     MapResult and error estimate. ``render`` adds the model and component images
@@ -145,12 +145,13 @@ def _fit_packed(model, packed: list, options: MapOptions, batch_size: int, error
     ``errors`` (None, a method name or :class:`ErrorRequest`) adds an :class:`ErrorEstimate`
     to each group and, for a request with a ``covariance_dir``, writes ``<dir>/<id>.fits``.
     ``streams``: round drivers run at once (:func:`~galbayes.inference.map.fit_map`)."""
-    from .batching import bucketed, group_by_shape, slot_count
+    from .batching import bucket_groups, slot_count, to_bucket
 
     request = _error_request(errors)
-    # every galaxy padded to its stamp/PSF bucket (galbayes.batching): few compiled shapes
-    for items, padded in ((g, bucketed(g)) for g in group_by_shape(packed, buckets=True)):
-        batch = Model.stack([g for _, g in padded])
+    # every galaxy padded to its group's stamp/PSF bucket (galbayes.batching): few compiled
+    # shapes; a group too small for one batch rides in a larger bucket
+    for (img, psf), items in bucket_groups(packed, min_group=batch_size):
+        batch = Model.stack([to_bucket(g, img, psf) for _, g in items])
         slots = slot_count(len(items), batch_size)   # a partial group: the next power of two
         res = fit_map(model, batch, options=options, slots=slots, render=render, streams=streams)
         est = _error_estimate(model, batch, res, request, options, batch_size=slots)

@@ -287,7 +287,7 @@ def default_shard_size(batch_size: int, *, dask: bool = False) -> int:
     :data:`MIN_SHARD_ROWS` in a local run.
 
     A shard's galaxies are fitted in groups of one stamp-shape bucket each
-    (:func:`galbayes.batching.group_by_shape`); in a catalog of mixed stamp sizes a small
+    (:func:`galbayes.batching.bucket_groups`); in a catalog of mixed stamp sizes a small
     shard gives small groups, whose slots idle while each group's slowest galaxy finishes. A
     Dask run keeps ``8 × batch_size``: there a shard is a task, and more tasks keep more
     workers busy.
@@ -667,11 +667,13 @@ def _fail_message(exc: BaseException) -> str:
 
 def _batches(packed: list, batch_size: int):
     """The groups :func:`galbayes.fitting._fit_packed` fits through ``batch_size`` slots
-    each: the galaxies of one (image, PSF) shape bucket, in order of first appearance
-    (:func:`galbayes.batching.group_by_shape`)."""
-    from .batching import group_by_shape
+    each: the galaxies of one (image, PSF) shape bucket, in order of first appearance, a
+    group smaller than ``batch_size`` joined to a larger bucket
+    (:func:`galbayes.batching.bucket_groups`, the rule ``_fit_packed`` applies too)."""
+    from .batching import bucket_groups
 
-    yield from group_by_shape(packed, buckets=True)
+    for _, items in bucket_groups(packed, min_group=batch_size):
+        yield items
 
 
 def _fit_batch(model, items, job: ShardJob):

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from galbayes.batching import (BUCKET_SIZES, PSF_BUCKET_SIZES, bucket_shapes, bucket_size, bucketed,
-                               group_by_shape, slot_count, to_bucket)
+from galbayes.batching import (BUCKET_SIZES, PSF_BUCKET_SIZES, bucket_groups, bucket_shapes, bucket_size,
+                               bucketed, group_by_shape, slot_count, to_bucket)
 from galbayes.data import Observation
 from galbayes.inference.map import fit_map
 from galbayes.model import Model
@@ -103,3 +103,35 @@ def test_bucket_and_slot_rules(model):
     assert [[i for i, _ in grp] for grp in group_by_shape(packed)] == [["a", "c"], ["b"]]
     assert [[i for i, _ in grp] for grp in group_by_shape(packed, buckets=True)] == [["a", "b", "c"]]
     assert {np.shape(g.image) for _, g in bucketed(packed)} == {(24, 32)}
+
+
+def test_small_groups_join_a_larger_bucket():
+    """A bucket group that cannot fill one batch joins the smallest bucket in use that holds
+    it on every axis (stamp and PSF), chains of small groups end in a group that can hold
+    them, and a small group with no such host stays on its own."""
+    from types import SimpleNamespace
+
+    def gal(ny, nx, k):
+        return SimpleNamespace(image=np.zeros((ny, nx)), psf=np.zeros((k, k)))
+
+    packed = ([(f"s{i}", gal(60, 60, 41)) for i in range(3)]        # bucket 64²/41²: 3 galaxies
+              + [(f"m{i}", gal(90, 90, 41)) for i in range(2)]      # 96²/41²: 2
+              + [(f"l{i}", gal(120, 120, 41)) for i in range(9)]    # 128²/41²: 9
+              + [(f"w{i}", gal(60, 60, 57)) for i in range(2)]      # 64²/57²: no bucket holds its PSF
+              + [(f"x{i}", gal(100, 100, 33)) for i in range(8)])   # 128²/33²: full, stays
+    keys = {key: [gid for gid, _ in items] for key, items in bucket_groups(packed, min_group=8)}
+    # 64²/41² → 64²/57² (canvas 120², against 136² for 96²/41²), which has no host itself;
+    # 96²/41² → 128²/41²
+    assert keys == {((128, 128), (41, 41)): [f"l{i}" for i in range(9)] + ["m0", "m1"],
+                    ((64, 64), (57, 57)): ["w0", "w1", "s0", "s1", "s2"],
+                    ((128, 128), (33, 33)): [f"x{i}" for i in range(8)]}
+    # without the 64²/57² group the 64²/41² one joins 96²/41², which then holds 5 < 8 and
+    # joins 128²/41²: the same end as joining 128² directly
+    chain = {key: [gid for gid, _ in items] for key, items in bucket_groups(packed[:14], min_group=8)}
+    assert chain == {((128, 128), (41, 41)): [f"l{i}" for i in range(9)] + ["m0", "m1", "s0", "s1", "s2"]}
+    # min_group 1 (or groups at least that large): one group per bucket, as group_by_shape
+    plain = bucket_groups(packed, min_group=1)
+    assert [[g for g, _ in items] for _, items in plain] == [[g for g, _ in grp]
+                                                              for grp in group_by_shape(packed, buckets=True)]
+    assert len(bucket_groups(packed, min_group=2)) == 5
+    assert [len(items) for _, items in bucket_groups(packed[:3], min_group=8)] == [3]     # no host at all
