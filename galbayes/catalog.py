@@ -36,7 +36,6 @@ import csv
 import difflib
 import hashlib
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
