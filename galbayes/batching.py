@@ -5,9 +5,9 @@
 * :func:`pad_rows`: pad a pytree along its leading axis to a compiled size by repeating its
   last entry (the padding is dropped from the results).
 * :func:`group_by_shape`: galaxies that share (stamp, PSF) shapes are fitted together.
-* :func:`bucket_groups`: the groups of a catalog run, one per bucket; a group too small to
-  fill one batch joins the smallest larger bucket in use instead of compiling a program of
-  its own.
+* :func:`bucket_groups`: the groups of a fit, one per bucket; a group too small to fill
+  one batch joins the bucket in use with the smallest canvas that holds it, instead of
+  compiling (or loading) a program of its own.
 * Buckets: every stamp and PSF size is rounded up to one of a few canonical sizes
   (:data:`BUCKET_SIZES`, ×1 or ×1.5 a power of two, so at most 1.5× per axis;
   :data:`PSF_BUCKET_SIZES` for PSFs), so that a
@@ -80,8 +80,8 @@ def bucket_groups(packed, *, min_group: int = 1, sizes=None, psf_sizes=None):
     A group of fewer than ``min_group`` galaxies (the batch size: it would fill no batch and
     compile, or load, a program of its own for a few galaxies) joins the other group whose
     stamp and PSF buckets are at least as large on every axis and whose canvas (stamp + PSF)
-    is the smallest, if there is one;
-    smaller groups go first, so a chain of small groups ends in a group that can hold them.
+    is the smallest, if there is one. Smaller groups go first, so a chain of small groups
+    ends in a group that can hold them.
     The galaxies moved are padded further (zero-weight pixels, zeros around the PSF): their
     fits are the same to float32 rounding.
     """
