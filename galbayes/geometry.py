@@ -100,10 +100,10 @@ def pixel_average(samples):
     """
     # The neighbour sums are 3-wide window sums (zero outside the image) minus the centre;
     # at a border the missing neighbour is the centre itself (edge replication), so the
-    # border rows / columns take one ``a`` back. A window sum reads each sample three
-    # times, so XLA materialises the samples once instead of fusing (recomputing) the
-    # profile into each of five shifted copies (which it did on CPU for canvases ≤ 120²,
-    # 5-20x slower there; benchmarks/README.md "Throughput").
+    # border rows / columns take one ``a`` back. Written with shifted copies instead, XLA on
+    # the CPU fused the profile into each of them and evaluated it again per neighbour for
+    # canvases ≤ 120²; with window sums it does not (an LM iteration at 64² 6.2 → 1.4 ms per
+    # galaxy; benchmarks/README.md "bench_throughput").
     a = samples
     ny, nx = a.shape[-2:]
     ones = (1,) * (a.ndim - 2)
