@@ -59,20 +59,28 @@ def pad_rows(tree, size: int):
     return jax.tree_util.tree_map(pad, tree)
 
 
+def _grouped(packed, key) -> dict:
+    """``{key(gal): [(gid, gal), ...]}`` in order of first appearance."""
+    groups: dict = {}
+    for gid, gal in packed:
+        groups.setdefault(key(gal), []).append((gid, gal))
+    return groups
+
+
+def _bucket_key(gal):
+    return bucket_shapes(np.shape(gal.image), np.shape(gal.psf))
+
+
 def group_by_shape(packed, buckets: bool = False):
     """``[(gid, GalaxyArrays)]`` → lists of the items that share (image, PSF) shapes — or,
     with ``buckets``, bucket shapes (:func:`bucket_shapes`) — in order of first appearance
     (each list is fitted through one compiled program)."""
-    groups: dict = {}
-    for gid, gal in packed:
-        key = (tuple(np.shape(gal.image)), tuple(np.shape(gal.psf)))
-        if buckets:
-            key = bucket_shapes(*key)
-        groups.setdefault(key, []).append((gid, gal))
-    return list(groups.values())
+    def shapes(gal):
+        return tuple(np.shape(gal.image)), tuple(np.shape(gal.psf))
+    return list(_grouped(packed, _bucket_key if buckets else shapes).values())
 
 
-def bucket_groups(packed, *, min_group: int = 1, sizes=None, psf_sizes=None):
+def bucket_groups(packed, *, min_group: int = 1):
     """``[(gid, GalaxyArrays)]`` → ``[((stamp shape, PSF shape), items)]``: the galaxies of
     each (stamp, PSF) bucket (:func:`bucket_shapes`), in order of first appearance, each
     group to be padded to its key (:func:`to_bucket`) and fitted through one program.
@@ -85,12 +93,8 @@ def bucket_groups(packed, *, min_group: int = 1, sizes=None, psf_sizes=None):
     The galaxies moved are padded further (zero-weight pixels, zeros around the PSF): their
     fits are the same to float32 rounding.
     """
-    sizes = BUCKET_SIZES if sizes is None else sizes
-    psf_sizes = PSF_BUCKET_SIZES if psf_sizes is None else psf_sizes
-    groups: dict = {}
-    for gid, gal in packed:
-        key = bucket_shapes(np.shape(gal.image), np.shape(gal.psf), sizes, psf_sizes)
-        groups.setdefault(key, []).append((gid, gal))
+    groups = _grouped(packed, _bucket_key)
+    min_group = int(min_group)
 
     def extent(key):
         return tuple(key[0]) + tuple(key[1])
@@ -100,7 +104,7 @@ def bucket_groups(packed, *, min_group: int = 1, sizes=None, psf_sizes=None):
         return ((ny + ky - 1) * (nx + kx - 1), ny * nx)
 
     for key in sorted(groups, key=pixels):
-        if len(groups[key]) >= int(min_group):
+        if len(groups[key]) >= min_group:
             continue
         hosts = [k for k in groups if k != key and all(a >= b for a, b in zip(extent(k), extent(key)))]
         if hosts:
